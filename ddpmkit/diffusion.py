@@ -154,7 +154,7 @@ class GaussianDiffusion:
     @torch.inference_mode()
     def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...],
                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-               progress: Callable[[int], None] | None = None) -> Tensor:
+               progress: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Algorithm 2: draw ``shape[0]`` images from p_θ.
 
         Args:
@@ -164,13 +164,14 @@ class GaussianDiffusion:
                 gives the same samples.
             device: where to sample.
             progress: called with the number of finished steps after each step.
+            dtype: dtype of the samples. Default float32.
         Returns:
-            x_0, shape ``shape``, float32, not clamped.
+            x_0, shape ``shape``, not clamped.
         """
-        x = torch.randn(shape, generator=generator, device=device)                        # line 1: x_T ~ N(0, I)
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)           # line 1: x_T ~ N(0, I)
         t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
         for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
-            z = torch.randn(shape, generator=generator, device=device) if t > 0 else None  # line 3
+            z = torch.randn(shape, generator=generator, device=device, dtype=dtype) if t > 0 else None  # line 3
             eps = model(x, t_batch.fill_(t))
             x = self.p_step(eps, x, t, z)                                                  # lines 4–5
             if progress is not None:

@@ -139,9 +139,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     return Pipeline(model, diffusion, channels, resolution, config, dev, resolved)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1] as one PNG grid (atomically)."""
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+              scale: int | None = None) -> Path:
+    """Save images in [-1, 1] as one PNG grid (atomically).
+
+    Args:
+        images: ``(N, C, H, W)`` in [-1, 1].
+        nrow: images per row; default ⌈√N⌉.
+        scale: integer upscaling (nearest neighbour) so small images can be seen;
+            default makes each cell at least 64 pixels (×4 at 16, ×2 at 32).
+    """
     from torchvision.utils import save_image
 
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    scale = scale or max(1, 64 // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     return atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=nrow, padding=2, format="PNG"))

@@ -10,11 +10,22 @@ from ddpmkit import GaussianDiffusion
 CASES = [(T, v, c) for T in (300, 500, 1000) for v in ("fixed_small", "fixed_large") for c in (False, True)]
 
 
-def _pair(T, variance, clip, prediction_type="epsilon"):
+def _pair(T, variance, clip, prediction_type="epsilon", float64=False):
+    """Our process and diffusers' scheduler on the same betas.
+
+    diffusers keeps its tables in float32, where 1 − ᾱ_t near t = 1 loses ~3 digits to
+    cancellation (1 − 0.9999 in float32); with ``float64=True`` its tables are upgraded so that
+    the comparison is of the formulas alone.
+    """
     betas = ddpmkit.build("schedule", "linear", {"timesteps": T})
     ours = GaussianDiffusion(betas, variance_type=variance, clip_sample=clip)
     theirs = DDPMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), variance_type=variance,
                            clip_sample=clip, prediction_type=prediction_type)
+    if float64:
+        theirs.betas = betas.clone()
+        theirs.alphas = 1.0 - theirs.betas
+        theirs.alphas_cumprod = torch.cumprod(theirs.alphas, dim=0)
+        theirs.one = torch.tensor(1.0, dtype=torch.float64)
     theirs.set_timesteps(T)
     return ours, theirs
 
@@ -39,14 +50,14 @@ def test_forward_noising_matches_add_noise(T):
 
 @pytest.mark.parametrize("T", [300, 500, 1000])
 def test_posterior_mean_and_variance(T):
-    ours, theirs = _pair(T, "fixed_small", False, prediction_type="sample")
+    ours, theirs = _pair(T, "fixed_small", False, prediction_type="sample", float64=True)
     g = torch.Generator().manual_seed(1)
     for t in (T - 1, T // 2, 1, 0):
-        x0 = torch.randn(2, 1, 4, 4, generator=g)
-        xt = torch.randn(2, 1, 4, 4, generator=g)
+        x0 = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+        xt = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
         # with prediction_type="sample" the step is the posterior mean plus σ z; take z from a known seed
         out = theirs.step(x0, t, xt, generator=torch.Generator().manual_seed(7)).prev_sample
-        z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(7)) if t > 0 else torch.zeros_like(xt)
+        z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) if t > 0 else torch.zeros_like(xt)
         var_theirs = theirs._get_variance(t)
         mean_theirs = out - var_theirs.sqrt() * z if t > 0 else out
         mean, var = ours.q_posterior(x0, xt, torch.full((2,), t))
@@ -56,18 +67,42 @@ def test_posterior_mean_and_variance(T):
 
 @pytest.mark.parametrize("T,variance,clip", CASES)
 def test_every_reverse_step_matches_diffusers(T, variance, clip):
-    ours, theirs = _pair(T, variance, clip)
+    ours, theirs = _pair(T, variance, clip, float64=True)
     g = torch.Generator().manual_seed(T + clip)
-    worst = 0.0
+    worst, f64 = 0.0, dict(dtype=torch.float64)
+    clipped = 0
     for t in theirs.timesteps.tolist():
-        xt = torch.randn(2, 1, 4, 4, generator=g)
-        eps = torch.randn(2, 1, 4, 4, generator=g)
+        xt = torch.randn(2, 1, 4, 4, generator=g, **f64)
+        eps = torch.randn(2, 1, 4, 4, generator=g, **f64)
         expected = theirs.step(eps, t, xt, generator=torch.Generator().manual_seed(t)).prev_sample
-        z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(t))
+        z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(t), **f64)
         got = ours.p_step(eps, xt, t, z)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step t={t}")
         worst = max(worst, (got - expected).abs().max().item())
-    assert worst < 1e-5
+        clipped += int(ours.predict_x0(xt, torch.full((2,), t), eps).abs().gt(1).any())
+    assert worst < 1e-9
+    assert clipped > T // 2  # clipping really happens on these inputs, so clip on/off is tested
+
+
+def test_float32_steps_are_closer_to_exact_than_diffusers_float32():
+    """Our float64 tables keep float32 sampling accurate where 1 − ᾱ_t cancels (t near 1)."""
+    T = 1000
+    ours, theirs32 = _pair(T, "fixed_small", False)
+    _, theirs64 = _pair(T, "fixed_small", False, float64=True)
+    g = torch.Generator().manual_seed(0)
+    err_ours = err_theirs = 0.0
+    for t in range(1, 20):  # the reverse means μ_θ near t = 1, where float32 tables cancel
+        xt, eps = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g)
+        z64 = torch.randn(xt.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        out64 = theirs64.step(eps.double(), t, xt.double(), generator=torch.Generator().manual_seed(t)).prev_sample
+        exact_mean = out64 - theirs64._get_variance(t).sqrt() * z64
+        z32 = torch.randn(xt.shape, generator=torch.Generator().manual_seed(t))
+        out32 = theirs32.step(eps, t, xt, generator=torch.Generator().manual_seed(t)).prev_sample
+        mean32 = out32 - theirs32._get_variance(t).sqrt() * z32
+        ours_mean = ours.p_mean(eps, xt, torch.full((4,), t))
+        err_ours = max(err_ours, (ours_mean.double() - exact_mean).abs().max().item())
+        err_theirs = max(err_theirs, (mean32.double() - exact_mean).abs().max().item())
+    assert err_ours < 1e-5 < err_theirs
 
 
 @pytest.mark.parametrize("variance,clip", [("fixed_small", True), ("fixed_large", False)])
@@ -79,12 +114,13 @@ def test_full_sampling_loop_matches_diffusers(variance, clip):
     def model(x, t):  # a deterministic stand-in for ε_θ that depends on x and t
         return torch.tanh(x * w + t.float().reshape(-1, 1, 1, 1) / T)
 
-    got = ours.sample(model, (3, 1, 4, 4), generator=torch.Generator().manual_seed(5))
+    ours, theirs = _pair(T, variance, clip, float64=True)
+    got = ours.sample(model, (3, 1, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn((3, 1, 4, 4), generator=g)
+    x = torch.randn((3, 1, 4, 4), generator=g, dtype=torch.float64)
     for t in theirs.timesteps.tolist():
         x = theirs.step(model(x, torch.full((3,), t)), t, x, generator=g).prev_sample
-    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
 def test_eq9_equals_posterior_form_without_clipping():

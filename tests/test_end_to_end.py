@@ -26,7 +26,7 @@ def test_run_sample_reload_reproducible(tmp_path, tiny_args):
     lines = [json.loads(l) for l in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [3] and all(torch.isfinite(torch.tensor(l["loss"])) for l in lines if "loss" in l)
     grid = Image.open(run1 / "samples.png")
-    assert grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 4 samples of 16 px, 2 per row, 2 px padding
+    assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # 4 samples of 16 px shown ×4, 2 per row, 2 px padding
     assert not list(run1.glob("*.tmp")) and not list(run1.glob(".*"))
     # same seed, same machine → bitwise identical weights and grids
     w1, w2 = load_file(str(run1 / "model.safetensors")), load_file(str(run2 / "model.safetensors"))

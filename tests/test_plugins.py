@@ -15,6 +15,7 @@ from ddpmkit.cli import cli
 
 def test_builtins_come_from_the_entry_point_group():
     mgr = ddpmkit.get_manager()
+    mgr.registry  # components are collected when the registry is first built
     for ep_name, kind, comp in [("linear", "schedule", "linear"), ("unet2d", "predictor", "unet2d"),
                                 ("losses", "loss", "smoothl1"), ("losses", "loss", "mse"),
                                 ("mnist-5k", "dataset", "mnist-5k")]:

@@ -152,7 +152,7 @@ def sample(checkpoint, n, out, seed, batch_size, device, no_progress):
         raise DdpmkitError(f"--batch-size must be >= 1, got {batch_size}")
     pipe = load_checkpoint(checkpoint, device=device)
     with make_progress(err_console, not no_progress) as bar:
-        task = bar.add_task("sampling", total=1, loss="-", speed="")
+        task = bar.add_task("sampling", total=1, info=f"{n} images")
         images = pipe.sample(n, seed=seed, batch_size=batch_size,
                              progress=lambda k, total: bar.update(task, completed=k, total=total))
     save_grid(images, out)

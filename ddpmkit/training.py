@@ -44,7 +44,7 @@ def _images(batch):
 def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+        TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console, disable=not enabled,
     )
@@ -115,7 +115,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     step, t0 = 0, time.perf_counter()
     metrics_path = run_dir / "metrics.jsonl"
     with open(metrics_path, "w") as log, make_progress(console, progress) as bar:
-        task = bar.add_task(f"epoch 1/{epochs}", total=total, loss="-", speed="")
+        task = bar.add_task(f"epoch 1/{epochs}", total=total, info="")
         for epoch in range(epochs):
             bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
             epoch_loss, epoch_n = 0.0, 0
@@ -138,7 +138,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
                 epoch_n += 1
                 elapsed = time.perf_counter() - t0
                 speed = step * config.batch_size / elapsed
-                bar.update(task, advance=1, loss=f"{value:.4f}", speed=f"{speed:.0f} img/s")
+                bar.update(task, advance=1, info=f"loss {value:.4f}  {speed:.0f} img/s")
                 if step % log_every == 0 or step == total:
                     log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": value,
                                           "lr": scheduler.get_last_lr()[0], "images_per_s": speed}) + "\n")
@@ -155,7 +155,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     if sample_grid:
         with make_progress(console, progress) as bar:
             task = bar.add_task("sampling", total=diffusion.num_timesteps * math.ceil(config.num_samples / 256),
-                                loss="-", speed="")
+                                info=f"{config.num_samples} images")
             images = pipe.sample(config.num_samples, seed=config.seed,
                                  progress=lambda k, n: bar.update(task, completed=k))
         save_grid(images, run_dir / "samples.png")

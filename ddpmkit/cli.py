@@ -74,6 +74,8 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 @cli.command()
 @click.option("--preset", default=None, help="Start from a preset: laptop (default), mnist, aircraft (the seed's Table 1).")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Where the dataset lives or is downloaded to (default ~/.cache/ddpmkit/datasets).")
 @click.option("--schedule", default=None, help="Noise schedule by name (see `ddpmkit plugins`).")
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
@@ -89,12 +91,13 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--variance", "variance_type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
               help="σ_t² of Algorithm 2: β̃_t (fixed_small) or β_t (fixed_large).")
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
-@click.option("--workers", "num_workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--workers", "num_workers", type=int, default=None,
+              help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<date-time>).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run(preset, schedule, predictor, loss, dataset, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
+def run(preset, data_root, schedule, predictor, loss, dataset, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
         variance_type, clip_sample, num_workers, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
@@ -110,6 +113,8 @@ def run(preset, schedule, predictor, loss, dataset, sets, epochs, max_steps, bat
         if name is not None and name != spec.name:
             spec.name, spec.options = name, {}
         spec.options.update(overrides.get(section, {}))
+    if data_root is not None:
+        config.dataset.options["data_root"] = data_root
     # Resolve names now so that a typo fails before anything is written.
     for section in SECTIONS:
         name = getattr(config, section).name

@@ -133,7 +133,7 @@ class RunConfig:
     variance_type: str = attrs.field(default="fixed_small", validator=attrs.validators.in_(("fixed_small", "fixed_large")))
     clip_sample: bool = False
     num_samples: int = attrs.field(default=64, validator=_positive)
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 for in-memory datasets, else up to 4 worker processes
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,14 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"name": "linear", "options": {"timesteps": 300, "beta_start": 1e-4, "beta_end": 0.02}},
         "predictor": {"name": "unet2d", "options": {"dropout": 0.01}},
         "loss": {"name": "smoothl1"},
-        "dataset": {"name": "mnist", "options": {"resolution": 32}},
+        "dataset": {"name": "mnist", "options": {"resolution": 32, "split": "train"}},
         "epochs": 15, "batch_size": 32, "lr": 2e-4,
     },
     "aircraft": {
         "schedule": {"name": "linear", "options": {"timesteps": 500, "beta_start": 1e-4, "beta_end": 0.02}},
         "predictor": {"name": "unet2d", "options": {"dropout": 0.01}},
         "loss": {"name": "smoothl1"},
-        "dataset": {"name": "aircraft", "options": {"resolution": 64}},
+        "dataset": {"name": "aircraft", "options": {"resolution": 64, "split": "all"}},
         "epochs": 20, "batch_size": 32, "lr": 2e-4,
     },
 }

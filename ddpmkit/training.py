@@ -41,6 +41,25 @@ def _images(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def default_workers(dataset) -> int:
+    """0 for datasets held in memory (a batch is one gather), else up to 4 worker processes."""
+    if getattr(dataset, "in_memory", False):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int | None = None,
+                generator: torch.Generator | None = None, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """The DataLoader the runner uses: shuffled, full batches, workers for file datasets,
+    pinned memory on CUDA, persistent workers."""
+    workers = default_workers(dataset) if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, generator=generator,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
 def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -101,11 +120,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
 
     data_gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=data_gen,
-        num_workers=config.num_workers, pin_memory=dev.type == "cuda",
-        persistent_workers=config.num_workers > 0,
-    )
+    loader = make_loader(dataset, config.batch_size, dev, config.num_workers, data_gen)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:

@@ -65,10 +65,13 @@ def test_batch_larger_than_dataset(tmp_path, tiny_args):
     assert_one_line_error(result, "batch size 32 is larger than dataset 'mnist-5k' (10 images)")
 
 
-def test_presets_needing_full_datasets_say_so(tmp_path):
-    for preset, ds in (("mnist", "mnist"), ("aircraft", "aircraft")):
-        assert_one_line_error(invoke(["run", "--preset", preset, "--out", str(tmp_path / "r")]),
-                              f"preset '{preset}' needs the full dataset plugin '{ds}'")
+def test_presets_without_their_data_say_so(tmp_path):
+    assert_one_line_error(invoke(["run", "--preset", "mnist", "--data-root", str(tmp_path / "d"),
+                                  "--set", "dataset.download=false", "--out", str(tmp_path / "r")]),
+                          "mnist train files not found", "train-images-idx3-ubyte.gz")
+    assert_one_line_error(invoke(["run", "--preset", "aircraft", "--data-root", str(tmp_path / "d"),
+                                  "--set", "dataset.download=false", "--out", str(tmp_path / "r")]),
+                          "FGVC-Aircraft not found under")
 
 
 def test_bad_checkpoints(tmp_path, tiny_args):

@@ -75,3 +75,20 @@ def test_unet_bad_shapes():
         ddpmkit.build("predictor", "unet2d", channels=1, resolution=48)
     with pytest.raises(ddpmkit.DdpmkitError, match="not divisible by norm_num_groups"):
         ddpmkit.build("predictor", "unet2d", {"block_out_channels": "12,24"}, channels=1, resolution=16)
+
+
+def test_presets_are_the_seed_table_1():
+    mnist, aircraft = ddpmkit.preset_config("mnist"), ddpmkit.preset_config("aircraft")
+    for cfg, T, epochs, res, ds in ((mnist, 300, 15, 32, "mnist"), (aircraft, 500, 20, 64, "aircraft")):
+        assert cfg.schedule.name == "linear"
+        assert cfg.schedule.options == {"timesteps": T, "beta_start": 1e-4, "beta_end": 0.02}
+        assert cfg.loss.name == "smoothl1" and cfg.lr == 2e-4 and cfg.batch_size == 32 and cfg.epochs == epochs
+        assert cfg.predictor.name == "unet2d" and cfg.predictor.options == {"dropout": 0.01}
+        assert cfg.dataset.name == ds and cfg.dataset.options["resolution"] == res
+        assert cfg.ema_decay is None and cfg.warmup_steps == 0
+    assert mnist.dataset.options["split"] == "train"       # 60,000 images
+    assert aircraft.dataset.options["split"] == "all"      # trainval + test = 10,000 images
+    # the defaults are the laptop preset, and presets are independent copies
+    laptop = ddpmkit.preset_config(None)
+    laptop.schedule.options["timesteps"] = 7
+    assert ddpmkit.preset_config("laptop").schedule.options["timesteps"] == 1000

@@ -260,3 +260,17 @@ def test_preset_mnist_runs_on_real_mnist(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["data"] == {"channels": 1, "resolution": 32} and cfg["run"]["batch_size"] == 32
     assert cfg["run"]["epochs"] == 15 and cfg["components"]["schedule"]["options"]["beta_end"] == 0.02
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="../shared/data/mnist not present")
+def test_mnist_reads_uncompressed_idx_in_torchvision_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / stem).write_bytes(gzip.open(MNIST_DIR / f"{stem}.gz").read())
+    ds = ddpmkit.build("dataset", "mnist", {"data_root": str(tmp_path), "split": "test", "download": False,
+                                            "limit": 100})
+    assert len(ds) == 100
+    ref = ddpmkit.build("dataset", "mnist", {"data_root": str(MNIST_DIR), "split": "test", "download": False,
+                                             "limit": 100})
+    assert torch.equal(ds.images, ref.images) and torch.equal(ds.labels, ref.labels)

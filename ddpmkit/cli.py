@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import DdpmkitError
 
-SECTIONS = ("schedule", "predictor", "loss", "dataset")
+SECTIONS = ("schedule", "predictor", "loss", "dataset", "sampler")
 err_console = Console(stderr=True)
 
 
@@ -80,6 +80,12 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
 @click.option("--dataset", default=None, help="Dataset by name.")
+@click.option("--sampler", default=None, help="Sampler for the final grid (ddpm: Algorithm 2, ddim).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim: any number up to T).")
+@click.option("--prediction", type=click.Choice(["epsilon", "x0", "v"]), default=None,
+              help="What the network predicts: the noise ε (default), x_0, or v.")
+@click.option("--min-snr", "min_snr_gamma", type=float, default=None,
+              help="Min-SNR loss weighting with this γ (e.g. 5).")
 @click.option("--set", "sets", multiple=True, metavar="KIND.OPTION=VALUE",
               help="Set a component option, e.g. --set schedule.timesteps=300 (repeatable).")
 @click.option("--epochs", type=int, default=None, help="Training epochs.")
@@ -97,7 +103,7 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<date-time>).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run(preset, data_root, schedule, predictor, loss, dataset, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
+def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
         variance_type, clip_sample, num_workers, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
@@ -108,13 +114,16 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sets, epochs, max
 
     config = preset_config(preset)
     overrides = _parse_sets(sets)
-    for section, name in (("schedule", schedule), ("predictor", predictor), ("loss", loss), ("dataset", dataset)):
+    for section, name in (("schedule", schedule), ("predictor", predictor), ("loss", loss), ("dataset", dataset),
+                          ("sampler", sampler)):
         spec = getattr(config, section)
         if name is not None and name != spec.name:
             spec.name, spec.options = name, {}
         spec.options.update(overrides.get(section, {}))
     if data_root is not None:
         config.dataset.options["data_root"] = data_root
+    if steps is not None:
+        config.sampler.options["steps"] = steps
     # Resolve names now so that a typo fails before anything is written.
     for section in SECTIONS:
         name = getattr(config, section).name
@@ -124,7 +133,8 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sets, epochs, max
         plugin_mod.get_component(section, name)
     changes = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                                        num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
-                                       num_workers=num_workers).items() if v is not None}
+                                       num_workers=num_workers, prediction=prediction,
+                                       min_snr_gamma=min_snr_gamma).items() if v is not None}
     try:
         config = attrs.evolve(config, **changes)
     except (ValueError, TypeError) as exc:
@@ -144,9 +154,12 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sets, epochs, max
               help="PNG grid to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--sampler", default=None, help="Sampler by name (default: the run's, ddpm).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim: up to T).")
+@click.option("--set", "sets", multiple=True, metavar="sampler.OPTION=VALUE", help="Sampler option, e.g. sampler.eta=0.5.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
-def sample(checkpoint, n, out, seed, batch_size, device, no_progress):
+def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, no_progress):
     """Draw images from a CHECKPOINT (a .safetensors file or a run directory) with Algorithm 2."""
     from .pipeline import load_checkpoint, save_grid
     from .training import make_progress
@@ -155,10 +168,21 @@ def sample(checkpoint, n, out, seed, batch_size, device, no_progress):
         raise DdpmkitError(f"-n must be >= 1, got {n}")
     if batch_size < 1:
         raise DdpmkitError(f"--batch-size must be >= 1, got {batch_size}")
+    overrides = _parse_sets(sets)
+    if set(overrides) - {"sampler"}:
+        raise DdpmkitError("ddpmkit sample only takes --set sampler.OPTION=VALUE")
+    options = overrides.get("sampler", {})
+    if steps is not None:
+        options["steps"] = steps
     pipe = load_checkpoint(checkpoint, device=device)
+    if options and "steps" in options and sampler in (None, "ddpm") and pipe.config.sampler.name == "ddpm":
+        if int(options["steps"]) != pipe.diffusion.num_timesteps:
+            raise DdpmkitError(f"the ddpm sampler always takes T = {pipe.diffusion.num_timesteps} steps; "
+                               f"use --sampler ddim --steps {options['steps']}")
+        options.pop("steps")
     with make_progress(err_console, not no_progress) as bar:
-        task = bar.add_task("sampling", total=1, info=f"{n} images")
-        images = pipe.sample(n, seed=seed, batch_size=batch_size,
+        task = bar.add_task("sampling", total=None, info=f"{n} images")
+        images = pipe.sample(n, seed=seed, batch_size=batch_size, sampler=sampler, sampler_options=options or None,
                              progress=lambda k, total: bar.update(task, completed=k, total=total))
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")

@@ -16,7 +16,7 @@ import attrs
 
 from .errors import DdpmkitError
 
-SECTIONS = ("schedule", "predictor", "loss", "dataset", "metric")
+SECTIONS = ("schedule", "predictor", "loss", "dataset", "sampler")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -123,6 +123,9 @@ class RunConfig:
     predictor: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("unet2d"))
     loss: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("smoothl1"))
     dataset: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("mnist-5k"))
+    sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("ddpm"))
+    prediction: str = attrs.field(default="epsilon", validator=attrs.validators.in_(("epsilon", "x0", "v")))
+    min_snr_gamma: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     epochs: int = attrs.field(default=1, validator=_positive)
     max_steps: int | None = attrs.field(default=None, validator=_positive)
     batch_size: int = attrs.field(default=32, validator=_positive)
@@ -142,7 +145,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         data = dict(data)
-        for section in ("schedule", "predictor", "loss", "dataset"):
+        for section in SECTIONS:
             if section in data and isinstance(data[section], dict):
                 data[section] = ComponentSpec(**{k: v for k, v in data[section].items() if k in ("name", "options")})
         names = {f.name for f in attrs.fields(cls)}
@@ -188,7 +191,7 @@ def preset_config(name: str | None) -> RunConfig:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DdpmkitError(f"unknown preset '{name}'{hint} available: {', '.join(sorted(PRESETS))}")
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
-    for section in ("schedule", "predictor", "loss", "dataset"):
+    for section in SECTIONS:
         if section in data:
             data[section] = {"name": data[section]["name"], "options": dict(data[section].get("options", {}))}
     cfg = RunConfig.from_dict(data)

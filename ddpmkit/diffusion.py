@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+PREDICTIONS = ("epsilon", "x0", "v")
 
 
 def _gather(table: Tensor, i: Tensor, x: Tensor) -> Tensor:
@@ -36,10 +37,13 @@ class GaussianDiffusion:
             before forming the reverse mean. Default ``False`` (the seed's
             Algorithm 2 has no clipping).
         clip_range: bound used when ``clip_sample`` is on. Default ``1.0``.
+        prediction: what the network predicts: ``"epsilon"`` (the noise ε, the paper's
+            choice and the default), ``"x0"`` (the clean image) or ``"v"``
+            (v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, Salimans & Ho 2022).
     """
 
     def __init__(self, betas: Tensor, variance_type: str = "fixed_small", clip_sample: bool = False,
-                 clip_range: float = 1.0):
+                 clip_range: float = 1.0, prediction: str = "epsilon"):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
         if betas.numel() < 1:
             raise ValueError("a schedule needs at least one step (T >= 1)")
@@ -47,7 +51,10 @@ class GaussianDiffusion:
             raise ValueError("every beta must lie in (0, 1)")
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}, not {variance_type!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
         self.variance_type = variance_type
+        self.prediction = prediction
         self.clip_sample = clip_sample
         self.clip_range = clip_range
         self.num_timesteps = T = betas.numel()
@@ -77,6 +84,8 @@ class GaussianDiffusion:
         else:
             self.sigma = self.betas.sqrt()
         assert self.sigma.shape == (T,)
+        # signal-to-noise ratio SNR(t) = ᾱ_t / (1 − ᾱ_t), for min-SNR loss weighting
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
     # ------------------------------------------------------------------------
     # Forward process
@@ -101,20 +110,46 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------
     # Training: Algorithm 1
     # ------------------------------------------------------------------------
-    def training_loss(self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
-                      loss_fn: Callable[[Tensor, Tensor], Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the network learns to output: ε, x_0, or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
+        if self.prediction == "epsilon":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * eps - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def training_loss(self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
+                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> Tensor:
         """One draw of the objective of Algorithm 1 (eq. 10–11 with any loss):
 
         t ~ Uniform({1..T}), ε ~ N(0, I),
         loss(ε, ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)).
 
-        (The seed's Algorithm 1 writes α_t; the paper's ᾱ_t is right.)
+        (The seed's Algorithm 1 writes α_t; the paper's ᾱ_t is right.) With another
+        prediction target the loss compares the network's output with that target.
+
+        Args:
+            model: the network, ``model(x_t, t)``.
+            x0: a batch of clean images ``(B, C, H, W)``.
+            loss_fn: ``loss_fn(prediction, target)``; with ``min_snr_gamma`` it is called with
+                ``reduction="none"`` and must return per-element losses.
+            generator: source of t and ε.
+            min_snr_gamma: weight each sample by min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)
+                for x_0, min(SNR(t), γ)/(SNR(t) + 1) for v (Hang et al. 2023). Default off.
         """
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)   # line 3
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)      # line 4
         xt = self.q_sample(x0, t, eps)                                                           # eq. (10)
-        return loss_fn(model(xt, t), eps)                                                        # line 5
+        output, target = model(xt, t), self.target(x0, eps, t)
+        if not min_snr_gamma:
+            return loss_fn(output, target)                                                       # line 5
+        per_element = loss_fn(output, target, reduction="none")
+        per_sample = per_element.reshape(b, -1).mean(dim=1)
+        snr = self.snr.to(x0.device)[t]
+        clipped = snr.clamp(max=min_snr_gamma)
+        weight = {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+        return (weight.to(per_sample.dtype) * per_sample).mean()
 
     # ------------------------------------------------------------------------
     # Reverse process: eq. (9) and Algorithm 2
@@ -123,24 +158,36 @@ class GaussianDiffusion:
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ) / √ᾱ_t = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε_θ."""
         return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
-    def p_mean(self, eps: Tensor, xt: Tensor, t: Tensor) -> Tensor:
-        """μ_θ(x_t, t) from the predicted noise.
+    def split_output(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The network's output as (ε̂, x̂_0), whatever it predicts; x̂_0 is clipped when clipping is on."""
+        a, s = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
+        if self.prediction == "epsilon":
+            eps, x0 = output, self.predict_x0(xt, t, output)
+        elif self.prediction == "x0":
+            x0, eps = output, (xt - a * output) / s
+        else:  # v: x_0 = √ᾱ x_t − √(1 − ᾱ) v,  ε = √ᾱ v + √(1 − ᾱ) x_t
+            x0, eps = a * xt - s * output, a * output + s * xt
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return eps, x0
 
-        Without clipping this is eq. (9):
+    def p_mean(self, output: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """μ_θ(x_t, t) from the network's output.
+
+        For ε-prediction without clipping this is eq. (9):
             μ_θ = 1/√α_t · (x_t − (1 − α_t)/√(1 − ᾱ_t) · ε_θ(x_t, t)).
-        With clipping, x̂_0 is clipped and μ_θ = μ̃_t(x_t, clip(x̂_0)), which equals
+        Otherwise x̂_0 is formed (and clipped) and μ_θ = μ̃_t(x_t, x̂_0), which equals
         eq. (9) whenever nothing is clipped.
         """
-        if self.clip_sample:
-            x0 = self.predict_x0(xt, t, eps).clamp(-self.clip_range, self.clip_range)
-            return self.q_posterior(x0, xt, t)[0]
-        return _gather(self.sqrt_recip_alphas, t, xt) * (xt - _gather(self.eps_coef, t, xt) * eps)
+        if self.prediction == "epsilon" and not self.clip_sample:
+            return _gather(self.sqrt_recip_alphas, t, xt) * (xt - _gather(self.eps_coef, t, xt) * output)
+        return self.q_posterior(self.split_output(output, xt, t)[1], xt, t)[0]
 
     def p_step(self, eps: Tensor, xt: Tensor, t: int, noise: Tensor | None) -> Tensor:
         """One reverse step, Algorithm 2 lines 3–5: x_{t−1} = μ_θ(x_t, t) + σ_t z.
 
         Args:
-            eps: ε_θ(x_t, t), shape like ``xt``.
+            eps: the network's output at (x_t, t) (ε_θ for ε-prediction), shape like ``xt``.
             xt: current sample, ``(B, C, H, W)``.
             t: the 0-based step (the same for the whole batch).
             noise: z ~ N(0, I) shaped like ``xt``; ignored (z = 0) when ``t == 0``.

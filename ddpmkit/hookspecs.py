@@ -53,7 +53,9 @@ def register_predictors(register):
 def register_losses(register):
     """Register training losses.
 
-    ``factory(config) -> callable(prediction, target) -> scalar tensor``.
+    ``factory(config) -> callable(prediction, target, reduction="mean") -> tensor``: a scalar
+    for ``reduction="mean"``; per-element losses for ``reduction="none"`` (needed by min-SNR
+    weighting; a loss without it still trains without weighting).
     """
 
 
@@ -72,4 +74,15 @@ def register_metrics(register):
 
     ``factory(config, *, device) -> callable(images) -> dict[str, float]`` where
     ``images`` is a float tensor ``(N, C, H, W)`` in [-1, 1].
+    """
+
+
+@hookspec
+def register_samplers(register):
+    """Register samplers (reverse processes).
+
+    ``factory(config, *, diffusion) -> sampler`` where ``diffusion`` is the trained model's
+    :class:`~ddpmkit.diffusion.GaussianDiffusion` and ``sampler`` has ``num_steps`` (int) and
+    ``sample(model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32)``
+    returning x_0 of ``shape``; ``progress(k)`` is called after the k-th network evaluation.
     """

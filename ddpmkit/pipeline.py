@@ -42,9 +42,22 @@ def make_diffusion(config: RunConfig) -> tuple[GaussianDiffusion, Any]:
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.ndim != 1 or betas.numel() < 1:
         raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) returned betas of shape {tuple(betas.shape)}; expected (T,) with T >= 1")
-    if not bool(((betas > 0) & (betas < 1)).all()):
+    if not bool(torch.isfinite(betas).all() & ((betas > 0) & (betas < 1)).all()):
         raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) returned betas outside (0, 1)")
-    return GaussianDiffusion(betas, variance_type=config.variance_type, clip_sample=config.clip_sample), sched_cfg
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    if betas.numel() > 1 and not bool((alpha_bar[1:] < alpha_bar[:-1]).all()):
+        raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) gives an ᾱ_t that is not decreasing")
+    diffusion = GaussianDiffusion(betas, variance_type=config.variance_type, clip_sample=config.clip_sample,
+                                  prediction=config.prediction)
+    return diffusion, sched_cfg
+
+
+def make_sampler(name: str, options: dict[str, Any] | None, diffusion: GaussianDiffusion):
+    """Build a sampler plugin for ``diffusion``."""
+    comp = get_component("sampler", name)
+    cfg = comp.make_config(options or {})
+    sampler = comp.factory(cfg, diffusion=diffusion) if cfg is not None else comp.factory(diffusion=diffusion)
+    return sampler, cfg
 
 
 def make_predictor(config: RunConfig, channels: int, resolution: int) -> tuple[torch.nn.Module, Any]:
@@ -59,7 +72,7 @@ def make_predictor(config: RunConfig, channels: int, resolution: int) -> tuple[t
 def resolved_config(config: RunConfig, channels: int, resolution: int, configs: dict[str, Any]) -> dict[str, Any]:
     """The JSON written next to every checkpoint: names, plugins, versions, every option."""
     components = {}
-    for kind in ("schedule", "predictor", "loss", "dataset"):
+    for kind in ("schedule", "predictor", "loss", "dataset", "sampler"):
         spec = getattr(config, kind)
         comp = get_component(kind, spec.name)
         components[kind] = {"name": spec.name, "plugin": comp.plugin, "version": comp.version,
@@ -86,24 +99,36 @@ class Pipeline:
 
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               progress: Callable[[int, int], None] | None = None, sampler: str | None = None,
+               sampler_options: dict[str, Any] | None = None) -> torch.Tensor:
         """``n`` images in [-1, 1], shape ``(n, C, H, W)``, on CPU.
 
-        The same ``seed`` (and ``batch_size``) gives the same images.
-        ``progress(done_steps, total_steps)`` is called after every reverse step.
+        Args:
+            n: number of images.
+            seed: the same seed (and ``batch_size``) gives the same images.
+            batch_size: images per batch of network evaluations.
+            progress: ``progress(done_steps, total_steps)`` after every reverse step.
+            sampler: a sampler plugin by name; default the run's (``ddpm``: Algorithm 2).
+            sampler_options: its options, e.g. ``{"steps": 50, "eta": 0.0}`` for ``ddim``.
         """
         if n < 1:
             raise DdpmkitError(f"number of samples must be >= 1, got {n}")
+        if sampler is None:
+            sampler, opts = self.config.sampler.name, dict(self.config.sampler.options)
+            opts.update(sampler_options or {})
+        else:
+            opts = dict(sampler_options or {})
+        sampler_obj, _ = make_sampler(sampler, opts, self.diffusion)
         was_training = self.model.training
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        out, T = [], self.diffusion.num_timesteps
+        out, T = [], sampler_obj.num_steps
         batches = [min(batch_size, n - i) for i in range(0, n, batch_size)]
         total = T * len(batches)
         for b_i, b in enumerate(batches):
             cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
-            x = self.diffusion.sample(self.model, (b, self.channels, self.resolution, self.resolution),
-                                      generator=gen, device=self.device, progress=cb)
+            x = sampler_obj.sample(self.model, (b, self.channels, self.resolution, self.resolution),
+                                   generator=gen, device=self.device, progress=cb)
             out.append(x.float().clamp(-1, 1).cpu())
         self.model.train(was_training)
         return torch.cat(out)

@@ -20,13 +20,14 @@ import pluggy
 from . import hookspecs
 from .errors import DdpmkitError, PluginError
 
-KINDS = ("schedule", "predictor", "loss", "dataset", "metric")
+KINDS = ("schedule", "predictor", "loss", "dataset", "metric", "sampler")
 _HOOK_OF_KIND = {
     "schedule": "register_schedules",
     "predictor": "register_predictors",
     "loss": "register_losses",
     "dataset": "register_datasets",
     "metric": "register_metrics",
+    "sampler": "register_samplers",
 }
 ENV_VAR = "DDPMKIT_PLUGINS"
 

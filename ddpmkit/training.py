@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .checkpoint import save_checkpoint, write_json
 from .config import RunConfig
 from .errors import DdpmkitError
-from .pipeline import Pipeline, make_diffusion, make_predictor, resolve_device, resolved_config, save_grid
+from .pipeline import Pipeline, make_diffusion, make_predictor, make_sampler, resolve_device, resolved_config, save_grid
 from .plugins import get_component
 
 
@@ -103,8 +103,16 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     model, pred_cfg = make_predictor(config, channels, resolution)
     model.to(dev).train()
     loss_fn = loss_comp.factory(loss_cfg) if loss_cfg is not None else loss_comp.factory()
+    _, sampler_cfg = make_sampler(config.sampler.name, config.sampler.options, diffusion)
+    if config.min_snr_gamma:
+        try:
+            loss_fn(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")
+        except TypeError:
+            raise DdpmkitError(f"loss '{config.loss.name}' does not accept reduction='none', which min-SNR "
+                               "weighting needs") from None
     resolved = resolved_config(config, channels, resolution,
-                               {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg, "dataset": ds_cfg})
+                               {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg, "dataset": ds_cfg,
+                                "sampler": sampler_cfg})
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", resolved)
 
@@ -138,7 +146,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
                 if step >= total:
                     break
                 x0 = _images(batch).to(dev, non_blocking=True)
-                loss = diffusion.training_loss(model, x0, loss_fn, generator=noise_gen)
+                loss = diffusion.training_loss(model, x0, loss_fn, generator=noise_gen,
+                                               min_snr_gamma=config.min_snr_gamma)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -169,9 +178,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     pipe = Pipeline(sample_model, diffusion, channels, resolution, config, dev, resolved)
     if sample_grid:
         with make_progress(console, progress) as bar:
-            task = bar.add_task("sampling", total=diffusion.num_timesteps * math.ceil(config.num_samples / 256),
-                                info=f"{config.num_samples} images")
+            task = bar.add_task("sampling", total=None, info=f"{config.num_samples} images")
             images = pipe.sample(config.num_samples, seed=config.seed,
-                                 progress=lambda k, n: bar.update(task, completed=k))
+                                 progress=lambda k, n: bar.update(task, completed=k, total=n))
         save_grid(images, run_dir / "samples.png")
     return pipe

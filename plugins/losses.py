@@ -14,11 +14,13 @@ class SmoothL1Config:
 
 
 def smoothl1(config: SmoothL1Config):
-    return lambda prediction, target: F.smooth_l1_loss(prediction, target, beta=config.beta)
+    """``loss(prediction, target, reduction="mean")``; ``reduction="none"`` gives per-element losses."""
+    return lambda prediction, target, reduction="mean": F.smooth_l1_loss(prediction, target, beta=config.beta,
+                                                                        reduction=reduction)
 
 
 def mse(config=None):
-    return lambda prediction, target: F.mse_loss(prediction, target)
+    return lambda prediction, target, reduction="mean": F.mse_loss(prediction, target, reduction=reduction)
 
 
 @ddpmkit.hookimpl

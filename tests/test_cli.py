@@ -36,7 +36,7 @@ def test_help_everywhere(args):
 def test_unknown_names(tmp_path):
     out = str(tmp_path / "r")
     assert_one_line_error(invoke(["run", "--schedule", "linaer", "--out", out]),
-                          "unknown schedule 'linaer'; did you mean 'linear'? available: linear")
+                          "unknown schedule 'linaer'; did you mean 'linear'? available: cosine, linear, quadratic, sigmoid")
     assert_one_line_error(invoke(["run", "--loss", "smoothl2", "--out", out]), "did you mean 'smoothl1'")
     assert_one_line_error(invoke(["run", "--dataset", "nope", "--out", out]), "unknown dataset 'nope'")
     assert_one_line_error(invoke(["run", "--predictor", "unet3d", "--out", out]), "did you mean 'unet2d'")
@@ -113,4 +113,4 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddpmkit", "run", "--schedule", "linaer"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "Error: unknown schedule 'linaer'; did you mean 'linear'? available: linear"
+    assert proc.stderr.strip() == "Error: unknown schedule 'linaer'; did you mean 'linear'? available: cosine, linear, quadratic, sigmoid"

@@ -58,34 +58,6 @@ def test_fashion_mnist_from_debian_package(tmp_path):
     assert len(ds) == 6000 and set(ds.labels.tolist()) == {1}
 
 
-def _jpeg(path, array):
-    Image.fromarray(array).save(path, quality=95)
-
-
-@pytest.fixture
-def aircraft_tree(tmp_path):
-    """A small FGVC-Aircraft 2013b tree in torchvision's exact layout; each image has a white
-    20-pixel banner at the bottom over a red picture."""
-    data = tmp_path / "fgvc-aircraft-2013b" / "data"
-    (data / "images").mkdir(parents=True)
-    variants = ["707-320", "A300B4", "Cessna 172"]
-    (data / "variants.txt").write_text("\n".join(variants) + "\n")
-    splits = {"train": [], "val": [], "test": []}
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        name = f"{1000000 + i:07d}"
-        img = np.zeros((120, 160, 3), np.uint8)
-        img[..., 0] = 200
-        img[:100] += rng.integers(0, 30, (100, 160, 3), dtype=np.uint8)
-        img[100:] = 255  # the banner
-        _jpeg(data / "images" / f"{name}.jpg", img)
-        splits[("train", "val", "test")[(i // 3) % 3]].append(f"{name} {variants[i % 3]}")
-    for split, lines in splits.items():
-        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
-    (data / "images_variant_trainval.txt").write_text("\n".join(splits["train"] + splits["val"]) + "\n")
-    return tmp_path
-
-
 def test_aircraft_crops_banner_and_resizes(aircraft_tree):
     ds = ddpmkit.build("dataset", "aircraft", {"data_root": str(aircraft_tree), "resolution": 16, "download": False})
     assert len(ds) == 12 and ds.channels == 3  # split "all" = trainval + test

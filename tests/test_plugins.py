@@ -62,7 +62,7 @@ def test_in_process_registration_builds_with_options():
 def test_unknown_name_suggests_close_match():
     with pytest.raises(ddpmkit.DdpmkitError) as err:
         ddpmkit.get_component("schedule", "linaer")
-    assert str(err.value) == "unknown schedule 'linaer'; did you mean 'linear'? available: linear"
+    assert str(err.value) == "unknown schedule 'linaer'; did you mean 'linear'? available: cosine, linear, quadratic, sigmoid"
     with pytest.raises(ddpmkit.DdpmkitError, match=r"unknown loss 'zzz' available: mse, smoothl1"):
         ddpmkit.get_component("loss", "zzz")
 

@@ -113,7 +113,13 @@ class PluginManager:
         self._registry = None
 
     def register_plugin(self, plugin: object, name: str | None = None, version: str | None = None) -> None:
-        """Register a plugin object or module in-process (tests, notebooks)."""
+        """Register a plugin object or module in-process (tests, notebooks).
+
+        Registering an object that is already registered (say, an installed plugin's module)
+        does nothing.
+        """
+        if self.pm.is_registered(plugin):
+            return
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         if name in self.plugins:
             raise PluginError(f"a plugin named '{name}' is already registered")

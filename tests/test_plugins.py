@@ -157,3 +157,17 @@ def test_plugins_command_lists_builtins():
     assert result.exit_code == 0
     for word in ("linear", "unet2d", "smoothl1", "mse", "mnist-5k", "0.1.0"):
         assert word in result.output
+
+
+def test_every_hook_is_documented():
+    """docs/plugins.md documents every hook of the plugin interface."""
+    import inspect
+    from pathlib import Path
+
+    from ddpmkit import hookspecs
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "ddpmkit_spec")]
+    assert len(hooks) == len(ddpmkit.KINDS) == 6
+    missing = [h for h in hooks if f"`{h}`" not in doc]
+    assert not missing, f"hooks missing from docs/plugins.md: {missing}"

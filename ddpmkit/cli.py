@@ -59,6 +59,47 @@ def cli(ctx, debug):
         warnings.showwarning = _one_line_warnings
 
 
+RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
+                     "keep_checkpoints", "checkpoint_every"}
+
+
+def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
+    """The saved configuration of ``run_dir``; flags that contradict it → one line listing them."""
+    import attrs
+
+    from .config import RunConfig, build_config
+    from .plugins import get_component
+
+    cfg_path = run_dir / "config.json"
+    if not (run_dir / "checkpoints").is_dir() or not cfg_path.exists():
+        raise DdpmkitError(f"--resume: no checkpoint in '{run_dir}' (expected {run_dir / 'checkpoints'} and "
+                           f"{cfg_path}); start a new run with --out instead")
+    saved_all = json.loads(cfg_path.read_text())
+    saved = RunConfig.from_dict(saved_all["run"])
+    diffs = []
+    for section, name in names.items():
+        if name != getattr(saved, section).name:
+            diffs.append(f"{section} {name} (run has {getattr(saved, section).name})")
+    for section, opts in overrides.items():
+        comp = get_component(section, getattr(saved, section).name)
+        given = build_config(comp, opts)
+        saved_opts = saved_all["components"][section]["options"]
+        for key in opts:
+            g, o = getattr(given, key), saved_opts.get(key)
+            if (list(g) if isinstance(g, tuple) else g) != o:
+                diffs.append(f"{section}.{key} {g} (run has {o})")
+    for key, value in changes.items():
+        if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
+            diffs.append(f"{key.replace('_', '-')} {value} (run has {getattr(saved, key)})")
+    if diffs:
+        raise DdpmkitError("--resume: these flags differ from the run's configuration: " + "; ".join(diffs)
+                           + ". Drop them to continue the run, or start a new one with --out")
+    try:
+        return attrs.evolve(saved, **{k: v for k, v in changes.items() if k in RESUME_MAY_CHANGE})
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"invalid option: {exc}") from None
+
+
 def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for item in sets:
@@ -99,12 +140,26 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
 @click.option("--workers", "num_workers", type=int, default=None,
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
+@click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
+@click.option("--warmup", "warmup_steps", type=int, default=None, help="Learning-rate warm-up steps.")
+@click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over N micro-batches per step.")
+@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default: every epoch).")
+@click.option("--keep", "keep_checkpoints", type=int, default=None, help="Checkpoints to keep (default 3).")
+@click.option("--log-every", type=int, default=None, help="Log metrics every N steps (default 10).")
+@click.option("--grid-every", type=int, default=None, help="Save a sample grid every N epochs (default: only at the end).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this directory from its newest checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<date-time>).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs, max_steps, batch_size, lr, seed, num_samples,
-        variance_type, clip_sample, num_workers, device, out_dir, no_progress):
+def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs,
+        max_steps, batch_size, lr, seed, num_samples, variance_type, clip_sample, num_workers, ema_decay,
+        warmup_steps, grad_accum, grad_clip, precision, checkpoint_every, keep_checkpoints, log_every, grid_every,
+        resume_dir, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
 
@@ -112,18 +167,35 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
     from .config import preset_config
     from .training import train
 
-    config = preset_config(preset)
     overrides = _parse_sets(sets)
-    for section, name in (("schedule", schedule), ("predictor", predictor), ("loss", loss), ("dataset", dataset),
-                          ("sampler", sampler)):
+    names = {k: v for k, v in (("schedule", schedule), ("predictor", predictor), ("loss", loss),
+                                ("dataset", dataset), ("sampler", sampler)) if v is not None}
+    if data_root is not None:
+        overrides.setdefault("dataset", {})["data_root"] = data_root
+    if steps is not None:
+        overrides.setdefault("sampler", {})["steps"] = str(steps)
+    changes = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                                       num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
+                                       num_workers=num_workers, prediction=prediction, min_snr_gamma=min_snr_gamma,
+                                       ema_decay=ema_decay, warmup_steps=warmup_steps, grad_accum=grad_accum,
+                                       grad_clip=grad_clip, precision=precision, checkpoint_every=checkpoint_every,
+                                       keep_checkpoints=keep_checkpoints, log_every=log_every,
+                                       grid_every=grid_every).items() if v is not None}
+    if resume_dir is not None:
+        if preset is not None or out_dir is not None:
+            raise DdpmkitError("--resume continues a run as it was configured; drop --preset/--out")
+        config = _resumed_config(Path(resume_dir), names, overrides, changes)
+        t0 = time.perf_counter()
+        train(config, resume_dir, device=device, progress=not no_progress, console=err_console, resume=True)
+        click.echo(f"Resumed and finished in {time.perf_counter() - t0:.0f} s. Run directory: {resume_dir}")
+        return
+    config = preset_config(preset)
+    for section in SECTIONS:
         spec = getattr(config, section)
+        name = names.get(section)
         if name is not None and name != spec.name:
             spec.name, spec.options = name, {}
         spec.options.update(overrides.get(section, {}))
-    if data_root is not None:
-        config.dataset.options["data_root"] = data_root
-    if steps is not None:
-        config.sampler.options["steps"] = steps
     # Resolve names now so that a typo fails before anything is written.
     for section in SECTIONS:
         name = getattr(config, section).name
@@ -131,10 +203,8 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
             raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{name}', which is not installed; "
                                f"run `ddpmkit run` for the offline default (mnist-5k)")
         plugin_mod.get_component(section, name)
-    changes = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                                       num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
-                                       num_workers=num_workers, prediction=prediction,
-                                       min_snr_gamma=min_snr_gamma).items() if v is not None}
+    if changes.get("ema_decay") == 0:
+        changes["ema_decay"] = None
     try:
         config = attrs.evolve(config, **changes)
     except (ValueError, TypeError) as exc:
@@ -186,6 +256,21 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
                              progress=lambda k, total: bar.update(task, completed=k, total=total))
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["diffusers"]), default="diffusers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def export_cmd(run_dir, out, fmt, device):
+    """Export a run (or checkpoint) to OUT: a diffusers DDPMPipeline folder (from_pretrained loads it)."""
+    from .export import export_diffusers
+    from .pipeline import load_checkpoint
+
+    pipe = load_checkpoint(run_dir, device=device)
+    export_diffusers(pipe, out)
+    click.echo(f"Wrote a diffusers DDPMPipeline to {out}")
 
 
 @cli.command("plugins")

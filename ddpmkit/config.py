@@ -137,6 +137,13 @@ class RunConfig:
     clip_sample: bool = False
     num_samples: int = attrs.field(default=64, validator=_positive)
     num_workers: int | None = None  # None: 0 for in-memory datasets, else up to 4 worker processes
+    grad_accum: int = attrs.field(default=1, validator=_positive)
+    grad_clip: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
+    precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
+    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # steps; 0: every epoch
+    keep_checkpoints: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    log_every: int = attrs.field(default=10, validator=_positive)
+    grid_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # epochs; 0: only at the end
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

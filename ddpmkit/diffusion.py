@@ -119,7 +119,8 @@ class GaussianDiffusion:
         return _gather(self.sqrt_alphas_cumprod, t, x0) * eps - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
     def training_loss(self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
-                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                      global_batch: int | None = None, offset: int = 0) -> Tensor:
         """One draw of the objective of Algorithm 1 (eq. 10–11 with any loss):
 
         t ~ Uniform({1..T}), ε ~ N(0, I),
@@ -136,10 +137,16 @@ class GaussianDiffusion:
             generator: source of t and ε.
             min_snr_gamma: weight each sample by min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)
                 for x_0, min(SNR(t), γ)/(SNR(t) + 1) for v (Hang et al. 2023). Default off.
+            global_batch, offset: for data-parallel training, t and ε are drawn for the whole
+                global batch (same generator on every process) and rows ``offset:offset + B``
+                are used, so N processes draw exactly what one process would. Default: ``B``, 0.
         """
         b = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)   # line 3
-        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)      # line 4
+        g = global_batch or b
+        t = torch.randint(0, self.num_timesteps, (g,), device=x0.device, generator=generator)   # line 3
+        eps = torch.randn((g, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=generator)  # line 4
+        if g != b:
+            t, eps = t[offset: offset + b], eps[offset: offset + b]
         xt = self.q_sample(x0, t, eps)                                                           # eq. (10)
         output, target = model(xt, t), self.target(x0, eps, t)
         if not min_snr_gamma:

@@ -1,19 +1,32 @@
-"""Training: Algorithm 1 over a dataset, with Adam, and what a run leaves on disk.
+"""Training: Algorithm 1 over a dataset, with Adam, checkpoints that survive, and what a run leaves on disk.
 
 A run directory holds::
 
-    config.json         resolved configuration: component names, plugins, versions, options
-    model.safetensors   weights used for sampling (EMA weights when EMA is on) + config
-    metrics.jsonl       one JSON line per logged step and per epoch
-    samples.png         a grid drawn with Algorithm 2 after training
+    config.json                     resolved configuration: component names, plugins, versions, options
+    model.safetensors               weights used for sampling (EMA weights when EMA is on) + config
+    checkpoints/step-00000100.safetensors
+                                    training state: model, EMA, optimizer, step, data position, RNG states
+                                    (tensors in safetensors, the rest as JSON in its metadata); last K kept
+    metrics.jsonl                   one JSON line per logged step and per epoch (loss, lr, images/s)
+    samples.png                     a grid drawn with the run's sampler after training
+    samples/epoch-0003.png          grids every ``grid_every`` epochs (the seed's Fig. 3)
+    forward.png                     one image through the forward process at several t (Fig. 1/4)
+    loss.png                        the loss curve
+    tb/                             TensorBoard events, when tensorboard is installed
+
+Multi-GPU / multi-machine: launch with ``torchrun --nproc_per_node=N -m ddpmkit run ...``.
+``batch_size`` is the global batch; each of the N processes takes a contiguous slice of it, and
+only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +34,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .checkpoint import save_checkpoint, write_json
+from .checkpoint import atomic_write, save_checkpoint, write_json
 from .config import RunConfig
 from .errors import DdpmkitError
 from .pipeline import Pipeline, make_diffusion, make_predictor, make_sampler, resolve_device, resolved_config, save_grid
 from .plugins import get_component
+from .state import TrainState, latest_checkpoint, load_train_state, prune_checkpoints, save_train_state
 
 
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
 def _dataset_shape(dataset) -> tuple[int, int]:
     channels, resolution = getattr(dataset, "channels", None), getattr(dataset, "resolution", None)
     if channels is None or resolution is None:
@@ -48,42 +65,169 @@ def default_workers(dataset) -> int:
     return max(1, min(4, (os.cpu_count() or 2)))
 
 
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of indices: a fresh permutation per epoch from (seed, epoch), full global batches,
+    this process's contiguous slice of each; resumable at any batch (``set_epoch(e, start)``)."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise DdpmkitError(f"batch size {global_batch} is not divisible by the {world} processes")
+        self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.local = global_batch // world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        for b in range(self.start, self.n // self.global_batch):
+            lo = b * self.global_batch + self.rank * self.local
+            yield perm[lo: lo + self.local].tolist()
+
+
 def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int | None = None,
-                generator: torch.Generator | None = None, shuffle: bool = True) -> torch.utils.data.DataLoader:
-    """The DataLoader the runner uses: shuffled, full batches, workers for file datasets,
-    pinned memory on CUDA, persistent workers."""
+                generator: torch.Generator | None = None, shuffle: bool = True, seed: int = 0,
+                rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """The DataLoader the runner uses: seeded per-epoch shuffling in full (global) batches,
+    workers for file datasets, pinned memory on CUDA, persistent workers."""
     workers = default_workers(dataset) if num_workers is None else num_workers
+    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, generator=generator,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, generator=generator,
     )
 
 
+# ---------------------------------------------------------------------------
+# Progress, logs, figures
+# ---------------------------------------------------------------------------
 def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console, disable=not enabled,
     )
 
 
+def forward_strip(diffusion, x0: torch.Tensor, path: Path, n: int = 8, seed: int = 0) -> None:
+    """One image through q(x_t | x_0) at n evenly spaced t, left to right (the seed's Fig. 1/4)."""
+    T = diffusion.num_timesteps
+    ts = torch.linspace(0, T - 1, n).round().long()
+    noise = torch.randn((1, *x0.shape), generator=torch.Generator().manual_seed(seed)).expand(n, *x0.shape)
+    xt = diffusion.q_sample(x0.unsqueeze(0).expand(n, *x0.shape), ts, noise)
+    save_grid(torch.cat([x0.unsqueeze(0), xt]).clamp(-1, 1), path, nrow=n + 1)
+
+
+def loss_curve(metrics_path: Path, out: Path) -> None:
+    """loss.png from metrics.jsonl (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=0.8, label="loss (logged steps)")
+    ep = [r for r in rows if "mean_loss" in r]
+    if ep:
+        ax.plot([r["step"] for r in ep], [r["mean_loss"] for r in ep], "o-", ms=3, label="epoch mean")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+# ---------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------
+class Dist:
+    """torch.distributed as torchrun sets it up (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+            self.started = True
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.detach().clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def stop(self) -> None:
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
 def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.device | None = None,
           progress: bool = True, console: Console | None = None, sample_grid: bool = True,
-          log_every: int = 10) -> Pipeline:
+          resume: bool = False) -> Pipeline:
     """Train ε_θ with Algorithm 1 and write a run directory; returns the trained :class:`Pipeline`.
 
     Args:
         config: what to train (components by name and their options, epochs, batch, lr, seed, ...).
         run_dir: directory to write; created if missing.
-        device: ``None``/``"auto"`` picks CUDA when present, else CPU.
+        device: ``None``/``"auto"`` picks CUDA when present, else CPU. Under torchrun each process
+            uses ``cuda:LOCAL_RANK`` (or the CPU with the gloo backend).
         progress: show a rich progress bar (epoch, step, loss, images/s, ETA).
         sample_grid: after training, draw ``config.num_samples`` images and save ``samples.png``.
+        resume: continue from the newest checkpoint in ``run_dir/checkpoints``.
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    dist = Dist()
+    if dist.enabled and (device is None or str(device) == "auto"):
+        device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.start(dev)
+    try:
+        return _train(config, run_dir, dev, dist, progress and dist.main, console, sample_grid, resume)
+    finally:
+        dist.stop()
+
+
+def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -> Pipeline:
     torch.manual_seed(config.seed)
 
     # --- components --------------------------------------------------------
@@ -92,18 +236,24 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     loss_comp = get_component("loss", config.loss.name)
     loss_cfg = loss_comp.make_config(config.loss.options)
     diffusion, sched_cfg = make_diffusion(config)
+    _, sampler_cfg = make_sampler(config.sampler.name, config.sampler.options, diffusion)
     dataset = ds_comp.factory(ds_cfg) if ds_cfg is not None else ds_comp.factory()
     if len(dataset) < 1:
         raise DdpmkitError(f"dataset '{config.dataset.name}' is empty")
     if config.batch_size > len(dataset):
         raise DdpmkitError(f"batch size {config.batch_size} is larger than dataset '{config.dataset.name}' "
                            f"({len(dataset)} images); use --batch-size {len(dataset)} or less")
+    micro = config.batch_size // config.grad_accum
+    if micro * config.grad_accum != config.batch_size:
+        raise DdpmkitError(f"batch size {config.batch_size} is not divisible by --grad-accum {config.grad_accum}")
+    if micro % dist.world:
+        raise DdpmkitError(f"batch size {config.batch_size} / grad-accum {config.grad_accum} = {micro} is not "
+                           f"divisible by the {dist.world} processes")
     channels, resolution = _dataset_shape(dataset)
     torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
     model, pred_cfg = make_predictor(config, channels, resolution)
     model.to(dev).train()
     loss_fn = loss_comp.factory(loss_cfg) if loss_cfg is not None else loss_comp.factory()
-    _, sampler_cfg = make_sampler(config.sampler.name, config.sampler.options, diffusion)
     if config.min_snr_gamma:
         try:
             loss_fn(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")
@@ -113,73 +263,159 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     resolved = resolved_config(config, channels, resolution,
                                {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg, "dataset": ds_cfg,
                                 "sampler": sampler_cfg})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", resolved)
 
     # --- optimisation ------------------------------------------------------
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     warm = max(0, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    ema = None
+    ema = ema_model = None
     if config.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from diffusers.training_utils import EMAModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        ema = EMAModel(model.parameters(), decay=config.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
+        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and dev.type == "cuda")
+    if use_bf16 and dev.type != "cuda":
+        raise DdpmkitError("--precision bf16 needs a CUDA device; on the CPU training runs in fp32")
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    data_gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
-    loader = make_loader(dataset, config.batch_size, dev, config.num_workers, data_gen)
-    steps_per_epoch = len(loader)
+    # The loader gets its own generator: creating an iterator must not draw from the global RNG
+    # (dropout's), or a resumed run would drift from an uninterrupted one.
+    loader = make_loader(dataset, micro, dev, config.num_workers, generator=torch.Generator().manual_seed(config.seed),
+                         seed=config.seed, rank=dist.rank, world=dist.world)
+    batches: EpochBatches = loader.batch_sampler
+    steps_per_epoch = (len(dataset) // micro) // config.grad_accum
+    if steps_per_epoch < 1:
+        raise DdpmkitError(f"dataset '{config.dataset.name}' ({len(dataset)} images) is smaller than one step "
+                           f"({config.batch_size} images)")
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     epochs = math.ceil(total / steps_per_epoch)
 
-    step, t0 = 0, time.perf_counter()
+    # --- resume ------------------------------------------------------------
+    state = TrainState()
+    ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    with open(metrics_path, "w") as log, make_progress(console, progress) as bar:
-        task = bar.add_task(f"epoch 1/{epochs}", total=total, info="")
-        for epoch in range(epochs):
-            bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
-            epoch_loss, epoch_n = 0.0, 0
-            for batch in loader:
-                if step >= total:
-                    break
-                x0 = _images(batch).to(dev, non_blocking=True)
-                loss = diffusion.training_loss(model, x0, loss_fn, generator=noise_gen,
-                                               min_snr_gamma=config.min_snr_gamma)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                step += 1
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise DdpmkitError(f"loss became {value} at step {step}; lower --lr or check the data")
-                epoch_loss += value
-                epoch_n += 1
-                elapsed = time.perf_counter() - t0
-                speed = step * config.batch_size / elapsed
-                bar.update(task, advance=1, info=f"loss {value:.4f}  {speed:.0f} img/s")
-                if step % log_every == 0 or step == total:
-                    log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": value,
-                                          "lr": scheduler.get_last_lr()[0], "images_per_s": speed}) + "\n")
-            log.write(json.dumps({"epoch": epoch + 1, "step": step, "mean_loss": epoch_loss / max(1, epoch_n),
-                                  "elapsed_s": time.perf_counter() - t0}) + "\n")
-            log.flush()
+    if resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise DdpmkitError(f"--resume: no checkpoint in '{ckpt_dir}'; start a new run with --out instead")
+        state = load_train_state(path, model, optimizer, scheduler, ema, noise_gen, dev)
+        if metrics_path.exists() and dist.main:  # forget what the killed run logged after the checkpoint
+            keep = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.step]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", resolved)
+        if not (run_dir / "forward.png").exists():
+            forward_strip(diffusion, _images(dataset[0]), run_dir / "forward.png", seed=config.seed)
+    writer = _tensorboard(run_dir) if dist.main else None
 
-    weights = ema.module if ema is not None else model
-    state = {k: v for k, v in weights.state_dict().items()}
-    save_checkpoint(run_dir / "model.safetensors", state, resolved)
-    sample_model = weights
-    sample_model.eval()
-    pipe = Pipeline(sample_model, diffusion, channels, resolution, config, dev, resolved)
-    if sample_grid:
+    def checkpoint():
+        if log:
+            log.flush()  # every metric up to the checkpoint's step is on disk before the checkpoint is
+            os.fsync(log.fileno())
+        if dist.main:
+            save_train_state(ckpt_dir, state, model, optimizer, scheduler, ema, noise_gen, resolved)
+            prune_checkpoints(ckpt_dir, config.keep_checkpoints)
+
+    def sampling_model():
+        if ema is None:
+            return model
+        ema.copy_to(ema_model.parameters())
+        return ema_model
+
+    # --- Algorithm 1 -------------------------------------------------------
+    t0, images_seen = time.perf_counter(), 0
+    log = open(metrics_path, "a") if dist.main else None  # noqa: SIM115 (closed in finally)
+    try:
         with make_progress(console, progress) as bar:
-            task = bar.add_task("sampling", total=None, info=f"{config.num_samples} images")
-            images = pipe.sample(config.num_samples, seed=config.seed,
-                                 progress=lambda k, n: bar.update(task, completed=k, total=n))
-        save_grid(images, run_dir / "samples.png")
+            task = bar.add_task(f"epoch {state.epoch + 1}/{epochs}", total=total, completed=state.step, info="")
+            while state.step < total:
+                epoch = state.epoch
+                bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
+                batches.set_epoch(epoch, state.batch * config.grad_accum)
+                it = iter(loader)
+                epoch_loss, epoch_n = 0.0, 0
+                while state.batch < steps_per_epoch and state.step < total:
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = torch.zeros((), device=dev)
+                    for k in range(config.grad_accum):
+                        x0 = _images(next(it)).to(dev, non_blocking=True)
+                        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            loss = diffusion.training_loss(ddp_model, x0, loss_fn, generator=noise_gen,
+                                                           min_snr_gamma=config.min_snr_gamma,
+                                                           global_batch=micro, offset=dist.rank * x0.shape[0])
+                        (loss / config.grad_accum).backward()
+                        step_loss += loss.detach().float() / config.grad_accum
+                    value = dist.mean(step_loss).item()
+                    if not math.isfinite(value):
+                        last = latest_checkpoint(ckpt_dir)
+                        kept = f"; the last good checkpoint is {last}" if last else ""
+                        raise DdpmkitError(f"loss became {value} at step {state.step + 1}; stopped "
+                                           f"(lower --lr or add --grad-clip){kept}")
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    if ema is not None:
+                        ema.step(model.parameters())
+                    state.step += 1
+                    state.batch += 1
+                    images_seen += config.batch_size
+                    epoch_loss += value
+                    epoch_n += 1
+                    speed = images_seen / (time.perf_counter() - t0)
+                    bar.update(task, completed=state.step, info=f"loss {value:.4f}  {speed:.0f} img/s")
+                    if log and (state.step % config.log_every == 0 or state.step == total):
+                        lr = scheduler.get_last_lr()[0]
+                        log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "loss": value, "lr": lr,
+                                              "images_per_s": speed}) + "\n")
+                        if writer:
+                            writer.add_scalar("loss", value, state.step)
+                            writer.add_scalar("lr", lr, state.step)
+                            writer.add_scalar("images_per_s", speed, state.step)
+                    if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                        checkpoint()
+                del it
+                if state.batch >= steps_per_epoch:
+                    state.epoch, state.batch = epoch + 1, 0
+                    if log:
+                        log.write(json.dumps({"epoch": epoch + 1, "step": state.step,
+                                              "mean_loss": epoch_loss / max(1, epoch_n),
+                                              "elapsed_s": time.perf_counter() - t0}) + "\n")
+                        log.flush()
+                    if not config.checkpoint_every:
+                        checkpoint()
+                    if dist.main and config.grid_every and state.epoch % config.grid_every == 0:
+                        grid_model = sampling_model()
+                        pipe = Pipeline(grid_model, diffusion, channels, resolution, config, dev, resolved)
+                        save_grid(pipe.sample(min(16, config.num_samples), seed=config.seed),
+                                  run_dir / "samples" / f"epoch-{state.epoch:04d}.png")
+                        model.train()
+        if latest_checkpoint(ckpt_dir) != ckpt_dir / f"step-{state.step:08d}.safetensors":
+            checkpoint()
+    finally:
+        if log:
+            log.close()
+        if writer:
+            writer.close()
+    dist.barrier()
+
+    weights = sampling_model()
+    pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
+    if dist.main:
+        save_checkpoint(run_dir / "model.safetensors", weights.state_dict(), resolved)
+        loss_curve(metrics_path, run_dir / "loss.png")
+        if sample_grid:
+            with make_progress(console, progress) as bar:
+                task = bar.add_task("sampling", total=None, info=f"{config.num_samples} images")
+                images = pipe.sample(config.num_samples, seed=config.seed,
+                                     progress=lambda k, n: bar.update(task, completed=k, total=n))
+            save_grid(images, run_dir / "samples.png")
     return pipe

@@ -1,0 +1,45 @@
+"""Export to other tools: a diffusers ``DDPMPipeline`` folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import DdpmkitError
+
+_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def export_diffusers(pipe, out: str | os.PathLike) -> Path:
+    """Write ``out`` so that ``diffusers.DDPMPipeline.from_pretrained(out)`` loads the model.
+
+    The predictor must wrap a diffusers ``UNet2DModel`` (attribute ``unet``, as ``unet2d`` does).
+    The scheduler gets the run's exact betas, variance type, clipping and prediction target.
+    The folder is written next to ``out`` and renamed into place when complete.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = getattr(pipe.model, "unet", None)
+    if not isinstance(unet, UNet2DModel):
+        raise DdpmkitError(f"export to diffusers needs a predictor wrapping UNet2DModel (such as unet2d); "
+                           f"this run uses '{pipe.config.predictor.name}'")
+    d = pipe.diffusion
+    scheduler = DDPMScheduler(num_train_timesteps=d.num_timesteps, trained_betas=d.betas.tolist(),
+                              variance_type=d.variance_type, clip_sample=d.clip_sample,
+                              clip_sample_range=d.clip_range, prediction_type=_PREDICTION[d.prediction])
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DdpmkitError(f"'{out}' exists and is not empty; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

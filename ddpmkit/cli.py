@@ -60,7 +60,7 @@ def cli(ctx, debug):
 
 
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
-                     "keep_checkpoints", "checkpoint_every"}
+                     "keep_checkpoints", "checkpoint_every", "metrics", "metric_options", "eval_every", "eval_samples"}
 
 
 def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
@@ -100,15 +100,16 @@ def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
         raise DdpmkitError(f"invalid option: {exc}") from None
 
 
-def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
+    kinds = SECTIONS + extra
     for item in sets:
         key, eq, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not eq or not dot or not name:
             raise DdpmkitError(f"--set expects KIND.OPTION=VALUE (e.g. schedule.beta_end=0.02), got '{item}'")
-        if section not in SECTIONS:
-            raise DdpmkitError(f"--set '{item}': unknown kind '{section}'; kinds are: {', '.join(SECTIONS)}")
+        if section not in kinds:
+            raise DdpmkitError(f"--set '{item}': unknown kind '{section}'; kinds are: {', '.join(kinds)}")
         out.setdefault(section, {})[name] = value
     return out
 
@@ -150,6 +151,10 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option("--keep", "keep_checkpoints", type=int, default=None, help="Checkpoints to keep (default 3).")
 @click.option("--log-every", type=int, default=None, help="Log metrics every N steps (default 10).")
 @click.option("--grid-every", type=int, default=None, help="Save a sample grid every N epochs (default: only at the end).")
+@click.option("--metric", "metric_names", multiple=True,
+              help="Metric to compute after training (repeatable), e.g. digit-score; options via --set metric.X=Y.")
+@click.option("--eval-every", type=int, default=None, help="Also compute the metrics every N epochs.")
+@click.option("--eval-samples", type=int, default=None, help="Images sampled for the metrics (default 1000).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its newest checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -159,7 +164,7 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, str]]:
 def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs,
         max_steps, batch_size, lr, seed, num_samples, variance_type, clip_sample, num_workers, ema_decay,
         warmup_steps, grad_accum, grad_clip, precision, checkpoint_every, keep_checkpoints, log_every, grid_every,
-        resume_dir, device, out_dir, no_progress):
+        metric_names, eval_every, eval_samples, resume_dir, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
 
@@ -167,7 +172,8 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
     from .config import preset_config
     from .training import train
 
-    overrides = _parse_sets(sets)
+    overrides = _parse_sets(sets, extra=("metric",))
+    metric_options = overrides.pop("metric", {})
     names = {k: v for k, v in (("schedule", schedule), ("predictor", predictor), ("loss", loss),
                                 ("dataset", dataset), ("sampler", sampler)) if v is not None}
     if data_root is not None:
@@ -180,7 +186,12 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
                                        ema_decay=ema_decay, warmup_steps=warmup_steps, grad_accum=grad_accum,
                                        grad_clip=grad_clip, precision=precision, checkpoint_every=checkpoint_every,
                                        keep_checkpoints=keep_checkpoints, log_every=log_every,
-                                       grid_every=grid_every).items() if v is not None}
+                                       grid_every=grid_every, eval_every=eval_every,
+                                       eval_samples=eval_samples).items() if v is not None}
+    if metric_names:
+        changes["metrics"] = tuple(metric_names)
+    if metric_options:
+        changes["metric_options"] = metric_options
     if resume_dir is not None:
         if preset is not None or out_dir is not None:
             raise DdpmkitError("--resume continues a run as it was configured; drop --preset/--out")
@@ -256,6 +267,64 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
                              progress=lambda k, total: bar.update(task, completed=k, total=total))
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(), required=False)
+@click.option("--images", "images_dir", type=click.Path(), default=None, help="Evaluate a folder of images instead.")
+@click.option("--metric", "metric_names", multiple=True, required=True,
+              help="Metric by name (repeatable): inception-score, fid, digit-score, ...")
+@click.option("-n", "--num", "n", type=int, default=10000, show_default=True, help="Images to sample from CHECKPOINT.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Sampling batch size.")
+@click.option("--sampler", default=None, help="Sampler (default: the run's).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim).")
+@click.option("--set", "sets", multiple=True, metavar="metric.OPTION=VALUE",
+              help="Metric or sampler option, e.g. metric.splits=10, metric.weights=inception.safetensors.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, device,
+             no_progress):
+    """Score samples from a CHECKPOINT (sampling -n images first) or a folder (--images DIR)."""
+    from .checkpoint import write_json
+    from .evaluation import build_metrics, evaluate_images, load_image_folder
+    from .pipeline import load_checkpoint, resolve_device
+    from .training import make_progress
+
+    if (checkpoint is None) == (images_dir is None):
+        raise DdpmkitError("give either a CHECKPOINT or --images DIR")
+    metric_opts, sampler_opts = {}, {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        kind, dot, name = key.partition(".")
+        if not eq or not dot or kind not in ("metric", "sampler"):
+            raise DdpmkitError(f"--set expects metric.OPTION=VALUE or sampler.OPTION=VALUE, got '{item}'")
+        (metric_opts if kind == "metric" else sampler_opts)[name] = value
+    if steps is not None:
+        sampler_opts["steps"] = steps
+    dev = resolve_device(device)
+    metrics = build_metrics(metric_names, metric_opts, dev)
+    if images_dir is not None:
+        images = load_image_folder(images_dir)
+        source = {"images": str(images_dir), "count": images.shape[0]}
+    else:
+        if n < 1:
+            raise DdpmkitError(f"-n must be >= 1, got {n}")
+        pipe = load_checkpoint(checkpoint, device=dev)
+        with make_progress(err_console, not no_progress) as bar:
+            task = bar.add_task("sampling", total=None, info=f"{n} images")
+            images = pipe.sample(n, seed=seed, batch_size=batch_size, sampler=sampler,
+                                 sampler_options=sampler_opts or None,
+                                 progress=lambda k, total: bar.update(task, completed=k, total=total))
+        source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
+                  "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
+    results = evaluate_images(images, metrics, progress=None if no_progress else
+                              (lambda name: err_console.print(f"computing {name} on {images.shape[0]} images")))
+    for key, value in results.items():
+        click.echo(f"{key}: {value:.6g}")
+    if json_out:
+        write_json(json_out, {"results": results, "metrics": list(metric_names), "options": metric_opts, **source})
 
 
 @cli.command("export")

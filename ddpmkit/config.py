@@ -144,6 +144,10 @@ class RunConfig:
     keep_checkpoints: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     log_every: int = attrs.field(default=10, validator=_positive)
     grid_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # epochs; 0: only at the end
+    metrics: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # metric plugins run after training
+    metric_options: dict[str, Any] = attrs.field(factory=dict)
+    eval_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # epochs; 0: only at the end
+    eval_samples: int = attrs.field(default=1000, validator=_positive)
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                                       "layers_per_block": 1, "norm_num_groups": 8}},
         "loss": {"name": "smoothl1"},
         "dataset": {"name": "mnist-5k", "options": {"resolution": 16}},
-        "epochs": 25, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
+        "epochs": 22, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
         "clip_sample": True, "num_samples": 64,
     },
     "mnist": {

@@ -324,6 +324,26 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
             save_train_state(ckpt_dir, state, model, optimizer, scheduler, ema, noise_gen, resolved)
             prune_checkpoints(ckpt_dir, config.keep_checkpoints)
 
+    evaluators = None
+    if config.metrics and dist.main:
+        from .evaluation import build_metrics
+
+        evaluators = build_metrics(config.metrics, config.metric_options, dev)
+
+    def run_metrics(weights) -> dict[str, float]:
+        from .evaluation import evaluate_images
+
+        pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
+        results = evaluate_images(pipe.sample(config.eval_samples, seed=config.seed), evaluators)
+        if log:
+            log.write(json.dumps({"step": state.step, "epoch": state.epoch, "eval": results}) + "\n")
+            log.flush()
+        if writer:
+            for k, v in results.items():
+                writer.add_scalar(f"eval/{k}", v, state.step)
+        model.train()
+        return results
+
     def sampling_model():
         if ema is None:
             return model
@@ -398,19 +418,27 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                         save_grid(pipe.sample(min(16, config.num_samples), seed=config.seed),
                                   run_dir / "samples" / f"epoch-{state.epoch:04d}.png")
                         model.train()
+                    if evaluators and config.eval_every and state.epoch % config.eval_every == 0 \
+                            and state.step < total:
+                        run_metrics(sampling_model())
         if latest_checkpoint(ckpt_dir) != ckpt_dir / f"step-{state.step:08d}.safetensors":
             checkpoint()
+        dist.barrier()
+        weights = sampling_model()
+        if dist.main:
+            save_checkpoint(run_dir / "model.safetensors", weights.state_dict(), resolved)
+        if evaluators:
+            write_json(run_dir / "eval.json", {"step": state.step, "samples": config.eval_samples,
+                                               "results": run_metrics(weights)})
     finally:
         if log:
             log.close()
         if writer:
             writer.close()
-    dist.barrier()
 
     weights = sampling_model()
     pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
     if dist.main:
-        save_checkpoint(run_dir / "model.safetensors", weights.state_dict(), resolved)
         loss_curve(metrics_path, run_dir / "loss.png")
         if sample_grid:
             with make_progress(console, progress) as bar:

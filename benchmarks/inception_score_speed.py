@@ -1,0 +1,64 @@
+"""Inception Score on N 32×32 images: ddpmkit's metric vs torchmetrics' InceptionScore, same network.
+
+Both get the same InceptionV3 (timm's architecture; pretrained weights when they can be had,
+else random weights, which cost the same to run) and the same images; they run alternately,
+so the ratio holds on a noisy machine. Goal: ddpmkit ≤ 1.0× torchmetrics' time.
+
+    python benchmarks/inception_score_speed.py [-n 2000] [--rounds 2] [--weights FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ddpmkit
+from ddpmkit.metrics import SeedInception
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("-n", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", default=None, help="timm inception_v3 weights file (default: random weights)")
+    args = p.parse_args()
+    from torchmetrics.image.inception import InceptionScore
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.n, 3, 32, 32, generator=g) * 2 - 1
+    options = {"weights": args.weights} if args.weights else {"pretrained": False}
+    ours = ddpmkit.build("metric", "inception-score", {**options, "batch_size": args.batch_size}, device="cpu")
+    backbone = ours.backbone
+
+    class Logits(torch.nn.Module):  # the very same network object, handed to torchmetrics
+        def forward(self, x):
+            return backbone(x)[1]
+
+    def run_ours():
+        return ours(images)["inception_score"]
+
+    def run_torchmetrics():
+        tm = InceptionScore(feature=Logits(), splits=10)
+        with torch.inference_mode():
+            for i in range(0, args.n, args.batch_size):
+                tm.update(images[i:i + args.batch_size])
+            return tm.compute()[0].item()
+
+    t_ours, t_tm = [], []
+    for r in range(args.rounds):
+        for fn, times in ((run_ours, t_ours), (run_torchmetrics, t_tm)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print(f"round {r + 1}: ddpmkit {t_ours[-1]:.1f} s, torchmetrics {t_tm[-1]:.1f} s")
+    mo, mt = statistics.median(t_ours), statistics.median(t_tm)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} images 32×32 → 299×299, batch {args.batch_size}")
+    print(f"median: ddpmkit {mo:.1f} s, torchmetrics {mt:.1f} s, ratio ddpmkit/torchmetrics = {mo / mt:.3f}")
+
+
+if __name__ == "__main__":
+    main()

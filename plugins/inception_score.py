@@ -1,0 +1,60 @@
+"""Metric ``inception-score``: IS(G) = exp(E_x KL(p(y|x) ‖ p̂(y))) from an InceptionV3 (seed eq. 12–14).
+
+``protocol=seed`` (default) uses timm's InceptionV3 as the seed report did; ``protocol=torch-fidelity``
+reproduces torch-fidelity's IS (the protocol of published figures, e.g. DDPM's 9.46 on CIFAR-10)
+given the same Inception 2015-12-05 weights file. See ``ddpmkit.metrics``.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import ddpmkit
+from ddpmkit.metrics import PROTOCOLS, check_images, extract, inception_score, make_backbone
+
+
+@attrs.define
+class InceptionScoreConfig:
+    """Options of ``inception-score``.
+
+    splits: K, the number of splits (mean ± std over them). Default 10.
+    protocol: ``seed`` (timm InceptionV3) or ``torch-fidelity``. Default ``seed``.
+    weights: a local weights file (safetensors, or a state dict read with weights_only=True):
+        timm's inception_v3 for ``seed``, pt_inception-2015-12-05 for ``torch-fidelity``.
+        Default: download the pretrained weights.
+    pretrained: ``seed`` only: with no weights file, download timm's weights (True) or use a
+        random network (False; for tests). Default True.
+    batch_size: images per forward pass. Default 64.
+    shuffle_seed: ``seed`` only: permute the images with this seed before splitting; None keeps
+        their order. Default None.
+    """
+
+    splits: int = attrs.field(default=10, validator=attrs.validators.ge(1))
+    protocol: str = attrs.field(default="seed", validator=attrs.validators.in_(PROTOCOLS))
+    weights: str | None = None
+    pretrained: bool = True
+    batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    shuffle_seed: int | None = None
+
+
+class InceptionScore:
+    def __init__(self, config: InceptionScoreConfig, *, device=None):
+        self.config = config
+        self.device = torch.device(device or "cpu")
+        self.backbone = make_backbone(config.protocol, config.weights, config.pretrained).to(self.device).eval()
+
+    def logits(self, images: torch.Tensor, progress=None) -> torch.Tensor:
+        images = check_images(images, self.config.splits, "inception-score images")
+        return extract(self.backbone, images, self.config.batch_size, self.device, progress)[1]
+
+    def __call__(self, images: torch.Tensor, progress=None) -> dict[str, float]:
+        logits = self.logits(images, progress)
+        gen = None if self.config.shuffle_seed is None else torch.Generator().manual_seed(self.config.shuffle_seed)
+        mean, std = inception_score(logits, self.config.splits, self.config.protocol, gen)
+        return {"inception_score": mean, "inception_score_std": std}
+
+
+@ddpmkit.hookimpl
+def register_metrics(register):
+    register("inception-score", InceptionScore, InceptionScoreConfig, "Inception Score (seed or torch-fidelity protocol)")

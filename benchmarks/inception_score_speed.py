@@ -1,8 +1,10 @@
 """Inception Score on N 32×32 images: ddpmkit's metric vs torchmetrics' InceptionScore, same network.
 
-Both get the same InceptionV3 (timm's architecture; pretrained weights when they can be had,
-else random weights, which cost the same to run) and the same images; they run alternately,
-so the ratio holds on a noisy machine. Goal: ddpmkit ≤ 1.0× torchmetrics' time.
+Both get the same InceptionV3 (timm's architecture and the same weights: a local file, else
+random weights, which cost the same to run) and the same images; they run alternately, so the
+ratio holds on a noisy machine. torchmetrics runs the network as a user hands it over
+(``feature=``, NCHW); ddpmkit runs it its own way (inference mode, channels-last).
+Goal: ddpmkit ≤ 1.0× torchmetrics' time.
 
     python benchmarks/inception_score_speed.py [-n 2000] [--rounds 2] [--weights FILE]
 """
@@ -32,11 +34,13 @@ def main():
     images = torch.rand(args.n, 3, 32, 32, generator=g) * 2 - 1
     options = {"weights": args.weights} if args.weights else {"pretrained": False}
     ours = ddpmkit.build("metric", "inception-score", {**options, "batch_size": args.batch_size}, device="cpu")
-    backbone = ours.backbone
+    plain = SeedInception(args.weights, pretrained=False, channels_last=False)
+    plain.net.load_state_dict(ours.backbone.net.state_dict())  # the same weights
+    plain.eval()
 
-    class Logits(torch.nn.Module):  # the very same network object, handed to torchmetrics
+    class Logits(torch.nn.Module):  # the same network, as a torchmetrics user passes it
         def forward(self, x):
-            return backbone(x)[1]
+            return plain(x)[1]
 
     def run_ours():
         return ours(images)["inception_score"]

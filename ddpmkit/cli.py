@@ -319,8 +319,8 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
                                  progress=lambda k, total: bar.update(task, completed=k, total=total))
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
-    results = evaluate_images(images, metrics, progress=None if no_progress else
-                              (lambda name: err_console.print(f"computing {name} on {images.shape[0]} images")))
+    with make_progress(err_console, not no_progress) as bar:
+        results = evaluate_images(images, metrics, bar=bar)
     for key, value in results.items():
         click.echo(f"{key}: {value:.6g}")
     if json_out:

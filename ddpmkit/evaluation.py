@@ -28,15 +28,24 @@ def build_metrics(names: list[str] | tuple[str, ...], options: dict[str, Any], d
     return metrics
 
 
-def evaluate_images(images: torch.Tensor, metrics: dict[str, Any],
-                    progress: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Run every metric on ``images`` (N, C, H, W) in [-1, 1]; one flat dict of results."""
+def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None) -> dict[str, float]:
+    """Run every metric on ``images`` (N, C, H, W) in [-1, 1] in inference mode; one flat dict.
+
+    ``bar``: a rich Progress; metrics whose ``__call__`` takes ``progress`` report images done.
+    """
+    import inspect
+
     out: dict[str, float] = {}
     for name, metric in metrics.items():
-        if progress:
-            progress(name)
+        kwargs = {}
+        if bar is not None:
+            task = bar.add_task(name, total=images.shape[0], info=f"{images.shape[0]} images")
+            if "progress" in inspect.signature(metric.__call__).parameters:
+                kwargs["progress"] = lambda k, _t=task: bar.update(_t, completed=k)
         with torch.inference_mode():
-            out.update(metric(images))
+            out.update(metric(images, **kwargs))
+        if bar is not None:
+            bar.update(task, completed=images.shape[0])
     return out
 
 

@@ -183,10 +183,16 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 class SeedInception(torch.nn.Module):
-    """timm's InceptionV3; ``forward(images in [-1, 1]) -> (pool3 (N, 2048), logits (N, 1000))``."""
+    """timm's InceptionV3; ``forward(images in [-1, 1]) -> (pool3 (N, 2048), logits (N, 1000))``.
 
-    def __init__(self, weights: str | None = None, pretrained: bool = True):
+    ``channels_last`` (default True) runs the convolutions in NHWC memory format, about 1.3×
+    faster on a CPU (oneDNN) and on tensor-core GPUs; the results agree with NCHW to float32
+    rounding.
+    """
+
+    def __init__(self, weights: str | None = None, pretrained: bool = True, channels_last: bool = True):
         super().__init__()
+        self.channels_last = channels_last
         import timm
 
         if weights is None and pretrained:
@@ -204,6 +210,8 @@ class SeedInception(torch.nn.Module):
             if weights is not None:
                 _load_into(self.net, load_state_dict_file(weights), weights, "timm's inception_v3")
         self.net.eval().requires_grad_(False)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         cfg = self.net.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1))
@@ -213,7 +221,8 @@ class SeedInception(torch.nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return ((x + 1) / 2 - self.mean) / self.std
+        x = ((x + 1) / 2 - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.net.forward_head(self.net.forward_features(self.preprocess(images)), pre_logits=True)
@@ -259,10 +268,15 @@ class FidelityInception(torch.nn.Module):
         return self.net(to_uint8_rgb(images))
 
 
-def make_backbone(protocol: str, weights: str | None, pretrained: bool = True) -> torch.nn.Module:
+def make_backbone(protocol: str, weights: str | None, pretrained: bool = True,
+                  channels_last: bool = True) -> torch.nn.Module:
+    """The InceptionV3 of a protocol. ``torch-fidelity`` always runs in torch-fidelity's own
+    (NCHW) layout, so that its figures are reproduced to the last digit."""
     if protocol not in PROTOCOLS:
         raise DdpmkitError(f"unknown protocol '{protocol}'; protocols: {', '.join(PROTOCOLS)}")
-    return FidelityInception(weights) if protocol == "torch-fidelity" else SeedInception(weights, pretrained)
+    if protocol == "torch-fidelity":
+        return FidelityInception(weights)
+    return SeedInception(weights, pretrained, channels_last)
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ import time
 import torch
 
 import ddpmkit
+from ddpmkit.export import export_diffusers
 
 
 def main():
@@ -40,7 +41,7 @@ def main():
             ddpmkit.train(config, d, device=dev, progress=False, sample_grid=False)
             pipe = ddpmkit.load_checkpoint(d, device=dev)
     with tempfile.TemporaryDirectory() as d:
-        ddpmkit.export.export_diffusers(pipe, f"{d}/pipe")
+        export_diffusers(pipe, f"{d}/pipe")
         theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
     theirs.set_progress_bar_config(disable=True)
     T = pipe.diffusion.num_timesteps

@@ -31,7 +31,7 @@ from .diffusion import GaussianDiffusion  # noqa: E402
 from .config import ComponentSpec, RunConfig, PRESETS, preset_config  # noqa: E402
 from .pipeline import Pipeline, load_checkpoint, save_grid, resolve_device  # noqa: E402
 from .training import train  # noqa: E402
-from . import checkpoint, data, metrics, state  # noqa: E402,F401
+from . import checkpoint, data, metrics, state, validators  # noqa: E402,F401
 
 __all__ = [
     "__version__", "hookimpl", "DdpmkitError", "PluginError", "KINDS", "Component", "available", "build",

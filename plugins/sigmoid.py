@@ -7,16 +7,8 @@ import attrs
 import torch
 
 import ddpmkit
+from ddpmkit.validators import not_below, open_unit
 
-
-def _beta(inst, attribute, value):
-    if not 0 < value < 1:
-        raise ValueError(f"{attribute.name} must lie in (0, 1), got {value}")
-
-
-def _order(inst, attribute, value):
-    if inst.beta_start > value:
-        raise ValueError(f"beta_start ({inst.beta_start}) must not exceed beta_end ({value})")
 
 
 @attrs.define
@@ -25,8 +17,8 @@ class SigmoidConfig:
     and the sigmoid's input range ±``span`` (default 6)."""
 
     timesteps: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
-    beta_start: float = attrs.field(default=1e-4, validator=_beta)
-    beta_end: float = attrs.field(default=0.02, validator=[_beta, _order])
+    beta_start: float = attrs.field(default=1e-4, validator=open_unit)
+    beta_end: float = attrs.field(default=0.02, validator=[open_unit, not_below("beta_start")])
     span: float = attrs.field(default=6.0, validator=attrs.validators.gt(0.0))
 
 

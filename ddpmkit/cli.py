@@ -60,7 +60,7 @@ def cli(ctx, debug):
 
 
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
-                     "keep_checkpoints", "checkpoint_every", "metrics", "metric_options", "eval_every", "eval_samples"}
+                     "keep_checkpoints", "checkpoint_every", "checkpoint_epochs", "metrics", "metric_options", "eval_every", "eval_samples"}
 
 
 def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
@@ -147,7 +147,8 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
-@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default: every epoch).")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default: by epochs).")
+@click.option("--checkpoint-epochs", type=int, default=None, help="Checkpoint every N epochs (default 1).")
 @click.option("--keep", "keep_checkpoints", type=int, default=None, help="Checkpoints to keep (default 3).")
 @click.option("--log-every", type=int, default=None, help="Log metrics every N steps (default 10).")
 @click.option("--grid-every", type=int, default=None, help="Save a sample grid every N epochs (default: only at the end).")
@@ -163,7 +164,7 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs,
         max_steps, batch_size, lr, seed, num_samples, variance_type, clip_sample, num_workers, ema_decay,
-        warmup_steps, grad_accum, grad_clip, precision, checkpoint_every, keep_checkpoints, log_every, grid_every,
+        warmup_steps, grad_accum, grad_clip, precision, checkpoint_every, checkpoint_epochs, keep_checkpoints, log_every, grid_every,
         metric_names, eval_every, eval_samples, resume_dir, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
@@ -185,6 +186,7 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
                                        num_workers=num_workers, prediction=prediction, min_snr_gamma=min_snr_gamma,
                                        ema_decay=ema_decay, warmup_steps=warmup_steps, grad_accum=grad_accum,
                                        grad_clip=grad_clip, precision=precision, checkpoint_every=checkpoint_every,
+                                       checkpoint_epochs=checkpoint_epochs,
                                        keep_checkpoints=keep_checkpoints, log_every=log_every,
                                        grid_every=grid_every, eval_every=eval_every,
                                        eval_samples=eval_samples).items() if v is not None}

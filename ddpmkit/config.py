@@ -140,7 +140,8 @@ class RunConfig:
     grad_accum: int = attrs.field(default=1, validator=_positive)
     grad_clip: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
-    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # steps; 0: every epoch
+    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # steps; 0: by epochs
+    checkpoint_epochs: int = attrs.field(default=1, validator=_positive)  # every N epochs when checkpoint_every is 0
     keep_checkpoints: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     log_every: int = attrs.field(default=10, validator=_positive)
     grid_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # epochs; 0: only at the end

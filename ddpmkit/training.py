@@ -410,7 +410,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                                               "mean_loss": epoch_loss / max(1, epoch_n),
                                               "elapsed_s": time.perf_counter() - t0}) + "\n")
                         log.flush()
-                    if not config.checkpoint_every:
+                    if not config.checkpoint_every and state.epoch % config.checkpoint_epochs == 0:
                         checkpoint()
                     if dist.main and config.grid_every and state.epoch % config.grid_every == 0:
                         grid_model = sampling_model()

@@ -230,3 +230,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert len(list((two / "checkpoints").glob("step-*.safetensors"))) >= 1
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
+
+
+def test_checkpoint_every_n_epochs(tmp_path):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", *BASE, "--set", "dataset.limit=64", "--epochs", "3", "--checkpoint-epochs", "2",
+                                 "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*.safetensors"))
+    assert names == ["step-00000008.safetensors", "step-00000012.safetensors"]  # epoch 2, and the end (epoch 3)

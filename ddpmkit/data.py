@@ -206,7 +206,7 @@ class FileImageDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def check_images(files: Sequence[str], max_bad_fraction: float, what: str) -> list[int]:
+def readable_files(files: Sequence[str], max_bad_fraction: float, what: str) -> list[int]:
     """Fully decode every file; warn once per bad file, then once with the count.
 
     Returns the indices of the good files; more than ``max_bad_fraction`` bad → DdpmkitError.

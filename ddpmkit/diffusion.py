@@ -20,9 +20,19 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 PREDICTIONS = ("epsilon", "x0", "v")
 
 
-def _gather(table: Tensor, i: Tensor, x: Tensor) -> Tensor:
-    """``table[i]`` reshaped to broadcast over ``x`` (shape ``(B, 1, 1, 1)``)."""
-    return table.to(device=x.device)[i].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+def _gather(table: Tensor, i: Tensor, x: Tensor, _cache: dict = {}) -> Tensor:  # noqa: B006 (a deliberate cache)
+    """``table[i]`` reshaped to broadcast over ``x`` (shape ``(B, 1, 1, 1)``).
+
+    Tables live on the CPU in float64; their copy on ``x``'s device is made once and kept, so a
+    sampling loop on a GPU does no host-to-device copy per step.
+    """
+    if table.device != x.device:
+        key = (id(table), x.device)
+        cached = _cache.get(key)
+        if cached is None or cached[0] is not table:
+            cached = _cache[key] = (table, table.to(x.device))
+        table = cached[1]
+    return table[i].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class GaussianDiffusion:

@@ -38,7 +38,7 @@ def make_diffusion(config: RunConfig) -> tuple[GaussianDiffusion, Any]:
     """Build the schedule plugin's betas and the diffusion process around them."""
     comp = get_component("schedule", config.schedule.name)
     sched_cfg = comp.make_config(config.schedule.options)
-    betas = comp.factory(sched_cfg) if sched_cfg is not None else comp.factory()
+    betas = comp.create(sched_cfg)
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.ndim != 1 or betas.numel() < 1:
         raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) returned betas of shape {tuple(betas.shape)}; expected (T,) with T >= 1")
@@ -56,14 +56,14 @@ def make_sampler(name: str, options: dict[str, Any] | None, diffusion: GaussianD
     """Build a sampler plugin for ``diffusion``."""
     comp = get_component("sampler", name)
     cfg = comp.make_config(options or {})
-    sampler = comp.factory(cfg, diffusion=diffusion) if cfg is not None else comp.factory(diffusion=diffusion)
+    sampler = comp.create(cfg, diffusion=diffusion)
     return sampler, cfg
 
 
 def make_predictor(config: RunConfig, channels: int, resolution: int) -> tuple[torch.nn.Module, Any]:
     comp = get_component("predictor", config.predictor.name)
     cfg = comp.make_config(config.predictor.options)
-    model = comp.factory(cfg, channels=channels, resolution=resolution)
+    model = comp.create(cfg, channels=channels, resolution=resolution)
     if not isinstance(model, torch.nn.Module):
         raise DdpmkitError(f"predictor '{comp.name}' (plugin {comp.plugin}) did not return a torch.nn.Module")
     return model, cfg

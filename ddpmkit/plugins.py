@@ -50,10 +50,13 @@ class Component:
 
         return build_config(self, options or {})
 
+    def create(self, config, **context):
+        """``factory(config, **context)``; a component without a config class gets no config."""
+        return self.factory(config, **context) if config is not None else self.factory(**context)
+
     def build(self, options: dict[str, Any] | None = None, **context):
         """``factory(config, **context)`` with ``config`` made from ``options``."""
-        config = self.make_config(options)
-        return self.factory(config, **context) if config is not None else self.factory(**context)
+        return self.create(self.make_config(options), **context)
 
 
 @attrs.define

@@ -237,7 +237,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
     loss_cfg = loss_comp.make_config(config.loss.options)
     diffusion, sched_cfg = make_diffusion(config)
     _, sampler_cfg = make_sampler(config.sampler.name, config.sampler.options, diffusion)
-    dataset = ds_comp.factory(ds_cfg) if ds_cfg is not None else ds_comp.factory()
+    dataset = ds_comp.create(ds_cfg)
     if len(dataset) < 1:
         raise DdpmkitError(f"dataset '{config.dataset.name}' is empty")
     if config.batch_size > len(dataset):
@@ -253,7 +253,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
     torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
     model, pred_cfg = make_predictor(config, channels, resolution)
     model.to(dev).train()
-    loss_fn = loss_comp.factory(loss_cfg) if loss_cfg is not None else loss_comp.factory()
+    loss_fn = loss_comp.create(loss_cfg)
     if config.min_snr_gamma:
         try:
             loss_fn(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")
@@ -436,7 +436,6 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
         if writer:
             writer.close()
 
-    weights = sampling_model()
     pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
     if dist.main:
         loss_curve(metrics_path, run_dir / "loss.png")

@@ -13,7 +13,7 @@ import os
 import attrs
 
 import ddpmkit
-from ddpmkit.data import FileImageDataset, ImageDatasetConfig, check_images, select
+from ddpmkit.data import FileImageDataset, ImageDatasetConfig, readable_files, select
 
 BANNER = 20
 
@@ -73,7 +73,7 @@ def aircraft(config: AircraftConfig):
         raise ddpmkit.DdpmkitError(f"FGVC-Aircraft lists {missing[0]}, which is not there: wrong layout or incomplete unpacking")
     keep = select(labels, parts[0].classes, config, f"aircraft at {config.root()}")
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    good = check_images(files, config.max_bad_fraction, f"aircraft at {config.root()}")
+    good = readable_files(files, config.max_bad_fraction, f"aircraft at {config.root()}")
     return FileImageDataset([files[i] for i in good], [labels[i] for i in good], parts[0].classes, config,
                             channels=3, crop_bottom=BANNER)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 
 import ddpmkit
-from ddpmkit.data import IMAGE_EXTENSIONS, FileImageDataset, ImageDatasetConfig, TensorImageDataset, check_images, select
+from ddpmkit.data import IMAGE_EXTENSIONS, FileImageDataset, ImageDatasetConfig, TensorImageDataset, readable_files, select
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -55,7 +55,7 @@ def cifar10(config: Cifar10Config):
             raise ddpmkit.DdpmkitError(f"CIFAR-10 class folders under {root} hold no images")
         keep = select(labels, CLASSES, config, f"cifar10 at {root}")
         files, labels = [str(files[i]) for i in keep], [labels[i] for i in keep]
-        good = check_images(files, config.max_bad_fraction, f"cifar10 at {root}")
+        good = readable_files(files, config.max_bad_fraction, f"cifar10 at {root}")
         return FileImageDataset([files[i] for i in good], [labels[i] for i in good], CLASSES, config, channels=3)
     if config.download:
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 
 import ddpmkit
-from ddpmkit.data import IMAGE_EXTENSIONS, FileImageDataset, ImageDatasetConfig, check_images, select
+from ddpmkit.data import IMAGE_EXTENSIONS, FileImageDataset, ImageDatasetConfig, readable_files, select
 
 
 @attrs.define(kw_only=True)
@@ -44,7 +44,7 @@ def image_folder(config: ImageFolderConfig):
     labels = [index.get(p.relative_to(root).parts[0], 0) if len(p.relative_to(root).parts) > 1 else 0 for p in files]
     keep = select(labels, classes or ["(all)"], config, "image-folder")
     files, labels = [str(files[i]) for i in keep], [labels[i] for i in keep]
-    good = check_images(files, config.max_bad_fraction, f"image-folder '{root}'")
+    good = readable_files(files, config.max_bad_fraction, f"image-folder '{root}'")
     if not good:
         raise ddpmkit.DdpmkitError(f"image-folder: no readable images under '{root}'")
     return FileImageDataset([files[i] for i in good], [labels[i] for i in good], classes or ["(all)"], config,

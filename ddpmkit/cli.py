@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from datetime import datetime
@@ -245,7 +244,7 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
 def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, no_progress):
     """Draw images from a CHECKPOINT (a .safetensors file or a run directory) with Algorithm 2."""
     from .pipeline import load_checkpoint, save_grid
-    from .training import make_progress
+    from .training import sample_with_progress
 
     if n < 1:
         raise DdpmkitError(f"-n must be >= 1, got {n}")
@@ -263,10 +262,8 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
             raise DdpmkitError(f"the ddpm sampler always takes T = {pipe.diffusion.num_timesteps} steps; "
                                f"use --sampler ddim --steps {options['steps']}")
         options.pop("steps")
-    with make_progress(err_console, not no_progress) as bar:
-        task = bar.add_task("sampling", total=None, info=f"{n} images")
-        images = pipe.sample(n, seed=seed, batch_size=batch_size, sampler=sampler, sampler_options=options or None,
-                             progress=lambda k, total: bar.update(task, completed=k, total=total))
+    images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
+                                  sampler=sampler, sampler_options=options or None)
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
 
@@ -292,7 +289,7 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
     from .checkpoint import write_json
     from .evaluation import build_metrics, evaluate_images, load_image_folder
     from .pipeline import load_checkpoint, resolve_device
-    from .training import make_progress
+    from .training import make_progress, sample_with_progress
 
     if (checkpoint is None) == (images_dir is None):
         raise DdpmkitError("give either a CHECKPOINT or --images DIR")
@@ -314,11 +311,8 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
         if n < 1:
             raise DdpmkitError(f"-n must be >= 1, got {n}")
         pipe = load_checkpoint(checkpoint, device=dev)
-        with make_progress(err_console, not no_progress) as bar:
-            task = bar.add_task("sampling", total=None, info=f"{n} images")
-            images = pipe.sample(n, seed=seed, batch_size=batch_size, sampler=sampler,
-                                 sampler_options=sampler_opts or None,
-                                 progress=lambda k, total: bar.update(task, completed=k, total=total))
+        images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
+                                      sampler=sampler, sampler_options=sampler_opts or None)
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
     with make_progress(err_console, not no_progress) as bar:

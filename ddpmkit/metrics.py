@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -266,6 +267,29 @@ class FidelityInception(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(to_uint8_rgb(images))
+
+
+@attrs.define(kw_only=True)
+class InceptionOptions:
+    """Options of every metric built on an InceptionV3 (subclass it for a metric's config).
+
+    protocol: ``seed`` (timm InceptionV3) or ``torch-fidelity``. Default ``seed``.
+    weights: a local weights file (safetensors, or a state dict read with weights_only=True):
+        timm's inception_v3 for ``seed``, pt_inception-2015-12-05 for ``torch-fidelity``.
+        Default: download the pretrained weights.
+    pretrained: ``seed`` only: with no weights file, download timm's weights (True) or use a
+        random network (False; for tests). Default True.
+    batch_size: images per forward pass. Default 64.
+    """
+
+    protocol: str = attrs.field(default="seed", validator=attrs.validators.in_(PROTOCOLS))
+    weights: str | None = None
+    pretrained: bool = True
+    batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+
+    def backbone(self, device) -> torch.nn.Module:
+        """The InceptionV3 these options describe, in eval mode on ``device``."""
+        return make_backbone(self.protocol, self.weights, self.pretrained).to(device).eval()
 
 
 def make_backbone(protocol: str, weights: str | None, pretrained: bool = True,

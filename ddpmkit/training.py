@@ -26,9 +26,7 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -111,6 +109,14 @@ def make_progress(console: Console | None = None, enabled: bool = True) -> Progr
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console, disable=not enabled,
     )
+
+
+def sample_with_progress(pipe: Pipeline, n: int, console: Console | None = None, enabled: bool = True,
+                         **kwargs) -> torch.Tensor:
+    """``pipe.sample(n, **kwargs)`` under a rich progress bar (reverse steps done / total)."""
+    with make_progress(console, enabled) as bar:
+        task = bar.add_task("sampling", total=None, info=f"{n} images")
+        return pipe.sample(n, progress=lambda k, total: bar.update(task, completed=k, total=total), **kwargs)
 
 
 def forward_strip(diffusion, x0: torch.Tensor, path: Path, n: int = 8, seed: int = 0) -> None:
@@ -316,7 +322,11 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
             forward_strip(diffusion, _images(dataset[0]), run_dir / "forward.png", seed=config.seed)
     writer = _tensorboard(run_dir) if dist.main else None
 
+    last_saved = None  # the step of the newest checkpoint this run wrote
+
     def checkpoint():
+        nonlocal last_saved
+        last_saved = state.step
         if log:
             log.flush()  # every metric up to the checkpoint's step is on disk before the checkpoint is
             os.fsync(log.fileno())
@@ -330,10 +340,9 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
 
         evaluators = build_metrics(config.metrics, config.metric_options, dev)
 
-    def run_metrics(weights) -> dict[str, float]:
+    def run_metrics(pipe: Pipeline) -> dict[str, float]:
         from .evaluation import evaluate_images
 
-        pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
         results = evaluate_images(pipe.sample(config.eval_samples, seed=config.seed), evaluators)
         if log:
             log.write(json.dumps({"step": state.step, "epoch": state.epoch, "eval": results}) + "\n")
@@ -341,14 +350,16 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
         if writer:
             for k, v in results.items():
                 writer.add_scalar(f"eval/{k}", v, state.step)
-        model.train()
         return results
 
-    def sampling_model():
-        if ema is None:
-            return model
-        ema.copy_to(ema_model.parameters())
-        return ema_model
+    def sampling_pipeline() -> Pipeline:
+        """The weights sampling uses (EMA weights when EMA is on), as a Pipeline; sampling puts the
+        training model back in training mode itself."""
+        weights = model
+        if ema is not None:
+            ema.copy_to(ema_model.parameters())
+            weights = ema_model
+        return Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
 
     # --- Algorithm 1 -------------------------------------------------------
     t0, images_seen = time.perf_counter(), 0
@@ -413,36 +424,29 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                     if not config.checkpoint_every and state.epoch % config.checkpoint_epochs == 0:
                         checkpoint()
                     if dist.main and config.grid_every and state.epoch % config.grid_every == 0:
-                        grid_model = sampling_model()
-                        pipe = Pipeline(grid_model, diffusion, channels, resolution, config, dev, resolved)
-                        save_grid(pipe.sample(min(16, config.num_samples), seed=config.seed),
+                        save_grid(sampling_pipeline().sample(min(16, config.num_samples), seed=config.seed),
                                   run_dir / "samples" / f"epoch-{state.epoch:04d}.png")
-                        model.train()
                     if evaluators and config.eval_every and state.epoch % config.eval_every == 0 \
                             and state.step < total:
-                        run_metrics(sampling_model())
-        if latest_checkpoint(ckpt_dir) != ckpt_dir / f"step-{state.step:08d}.safetensors":
+                        run_metrics(sampling_pipeline())
+        if last_saved != state.step:
             checkpoint()
         dist.barrier()
-        weights = sampling_model()
+        pipe = sampling_pipeline()
         if dist.main:
-            save_checkpoint(run_dir / "model.safetensors", weights.state_dict(), resolved)
+            save_checkpoint(run_dir / "model.safetensors", pipe.model.state_dict(), resolved)
         if evaluators:
             write_json(run_dir / "eval.json", {"step": state.step, "samples": config.eval_samples,
-                                               "results": run_metrics(weights)})
+                                               "results": run_metrics(pipe)})
     finally:
         if log:
             log.close()
         if writer:
             writer.close()
 
-    pipe = Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
     if dist.main:
         loss_curve(metrics_path, run_dir / "loss.png")
         if sample_grid:
-            with make_progress(console, progress) as bar:
-                task = bar.add_task("sampling", total=None, info=f"{config.num_samples} images")
-                images = pipe.sample(config.num_samples, seed=config.seed,
-                                     progress=lambda k, n: bar.update(task, completed=k, total=n))
-            save_grid(images, run_dir / "samples.png")
+            save_grid(sample_with_progress(pipe, config.num_samples, console, progress, seed=config.seed),
+                      run_dir / "samples.png")
     return pipe

@@ -7,7 +7,6 @@ images are read.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import attrs
 

@@ -17,27 +17,23 @@ import torch
 
 import ddpmkit
 from ddpmkit.data import default_data_root
-from ddpmkit.metrics import PROTOCOLS, check_images, extract, feature_statistics, file_digest, frechet_distance, make_backbone
+from ddpmkit.metrics import InceptionOptions, check_images, extract, feature_statistics, file_digest, frechet_distance
 
 
-@attrs.define
-class FIDConfig:
+@attrs.define(kw_only=True)
+class FIDConfig(InceptionOptions):
     """Options of ``fid``.
 
     dataset: the real images, a dataset plugin by name. Default ``mnist-5k``.
     data_root: that dataset's data_root, if it needs one. Default: its own default.
     reference_images: at most this many real images. Default 10000.
-    protocol, weights, pretrained, batch_size: as for ``inception-score``.
+    protocol, weights, pretrained, batch_size: see ``ddpmkit.metrics.InceptionOptions``.
     cache_dir: where real statistics are kept. Default ``<cache>/ddpmkit/fid-stats``.
     """
 
     dataset: str = "mnist-5k"
     data_root: str | None = None
     reference_images: int = attrs.field(default=10000, validator=attrs.validators.ge(2))
-    protocol: str = attrs.field(default="seed", validator=attrs.validators.in_(PROTOCOLS))
-    weights: str | None = None
-    pretrained: bool = True
-    batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     cache_dir: str | None = None
 
 
@@ -45,7 +41,7 @@ class FID:
     def __init__(self, config: FIDConfig, *, device=None):
         self.config = config
         self.device = torch.device(device or "cpu")
-        self.backbone = make_backbone(config.protocol, config.weights, config.pretrained).to(self.device).eval()
+        self.backbone = config.backbone(self.device)
 
     def features(self, images: torch.Tensor, progress=None) -> torch.Tensor:
         images = check_images(images, 2, "fid images")

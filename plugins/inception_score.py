@@ -11,30 +11,20 @@ import attrs
 import torch
 
 import ddpmkit
-from ddpmkit.metrics import PROTOCOLS, check_images, extract, inception_score, make_backbone
+from ddpmkit.metrics import InceptionOptions, check_images, extract, inception_score
 
 
-@attrs.define
-class InceptionScoreConfig:
+@attrs.define(kw_only=True)
+class InceptionScoreConfig(InceptionOptions):
     """Options of ``inception-score``.
 
+    protocol, weights, pretrained, batch_size: see ``ddpmkit.metrics.InceptionOptions``.
     splits: K, the number of splits (mean ± std over them). Default 10.
-    protocol: ``seed`` (timm InceptionV3) or ``torch-fidelity``. Default ``seed``.
-    weights: a local weights file (safetensors, or a state dict read with weights_only=True):
-        timm's inception_v3 for ``seed``, pt_inception-2015-12-05 for ``torch-fidelity``.
-        Default: download the pretrained weights.
-    pretrained: ``seed`` only: with no weights file, download timm's weights (True) or use a
-        random network (False; for tests). Default True.
-    batch_size: images per forward pass. Default 64.
     shuffle_seed: ``seed`` only: permute the images with this seed before splitting; None keeps
         their order. Default None.
     """
 
     splits: int = attrs.field(default=10, validator=attrs.validators.ge(1))
-    protocol: str = attrs.field(default="seed", validator=attrs.validators.in_(PROTOCOLS))
-    weights: str | None = None
-    pretrained: bool = True
-    batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     shuffle_seed: int | None = None
 
 
@@ -42,7 +32,7 @@ class InceptionScore:
     def __init__(self, config: InceptionScoreConfig, *, device=None):
         self.config = config
         self.device = torch.device(device or "cpu")
-        self.backbone = make_backbone(config.protocol, config.weights, config.pretrained).to(self.device).eval()
+        self.backbone = config.backbone(self.device)
 
     def logits(self, images: torch.Tensor, progress=None) -> torch.Tensor:
         images = check_images(images, self.config.splits, "inception-score images")

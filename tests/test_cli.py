@@ -1,9 +1,7 @@
 """The command line: one-line errors with exit code 2, --help everywhere, checkpoints that fail cleanly."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -31,11 +31,12 @@ from .diffusion import GaussianDiffusion  # noqa: E402
 from .config import ComponentSpec, RunConfig, PRESETS, preset_config  # noqa: E402
 from .pipeline import Pipeline, load_checkpoint, save_grid, resolve_device  # noqa: E402
 from .training import train  # noqa: E402
-from . import checkpoint, data, metrics, state, validators  # noqa: E402,F401
+from .accel import FastPath  # noqa: E402
+from . import accel, checkpoint, data, metrics, state, validators  # noqa: E402,F401
 
 __all__ = [
     "__version__", "hookimpl", "DdpmkitError", "PluginError", "KINDS", "Component", "available", "build",
     "get_component", "get_manager", "register_plugin", "reset_manager", "unregister_plugin",
     "GaussianDiffusion", "ComponentSpec", "RunConfig", "PRESETS", "preset_config", "Pipeline",
-    "load_checkpoint", "save_grid", "resolve_device", "train",
+    "load_checkpoint", "save_grid", "resolve_device", "train", "FastPath",
 ]

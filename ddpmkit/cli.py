@@ -42,6 +42,34 @@ class Group(click.Group):
             ctx.exit(1)
 
 
+FAST_FLAGS = ("precision", "channels_last", "tf32", "compile", "cuda_graphs")
+
+
+def fast_options(f):
+    """The fast-path flags (ddpmkit.accel.FastPath), collected into one ``fast`` dict (None: not given)."""
+    import functools
+
+    options = [
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                     help="auto: bf16 autocast on CUDA, fp32 on the CPU."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (default: on CUDA)."),
+        click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products on CUDA (default: on)."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network (default: off)."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                     help="Replay the network as a CUDA graph while sampling (default: on CUDA)."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        kwargs["compile"] = kwargs.pop("compile_")
+        fast = {k: kwargs.pop(k) for k in FAST_FLAGS}
+        return f(*args, fast={k: v for k, v in fast.items() if v is not None}, **kwargs)
+
+    for opt in reversed(options):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
     click.echo(f"Warning: {message}", err=True)
 
@@ -59,7 +87,8 @@ def cli(ctx, debug):
 
 
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
-                     "keep_checkpoints", "checkpoint_every", "checkpoint_epochs", "metrics", "metric_options", "eval_every", "eval_samples"}
+                     "keep_checkpoints", "checkpoint_every", "checkpoint_epochs", "metrics", "metric_options", "eval_every", "eval_samples",
+                     "channels_last", "compile", "cuda_graphs"}
 
 
 def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
@@ -144,8 +173,6 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Learning-rate warm-up steps.")
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over N micro-batches per step.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default: by epochs).")
 @click.option("--checkpoint-epochs", type=int, default=None, help="Checkpoint every N epochs (default 1).")
 @click.option("--keep", "keep_checkpoints", type=int, default=None, help="Checkpoints to keep (default 3).")
@@ -161,9 +188,10 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<date-time>).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@fast_options
 def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs,
         max_steps, batch_size, lr, seed, num_samples, variance_type, clip_sample, num_workers, ema_decay,
-        warmup_steps, grad_accum, grad_clip, precision, checkpoint_every, checkpoint_epochs, keep_checkpoints, log_every, grid_every,
+        warmup_steps, grad_accum, grad_clip, fast, checkpoint_every, checkpoint_epochs, keep_checkpoints, log_every, grid_every,
         metric_names, eval_every, eval_samples, resume_dir, device, out_dir, no_progress):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
     import attrs
@@ -184,11 +212,12 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
                                        num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
                                        num_workers=num_workers, prediction=prediction, min_snr_gamma=min_snr_gamma,
                                        ema_decay=ema_decay, warmup_steps=warmup_steps, grad_accum=grad_accum,
-                                       grad_clip=grad_clip, precision=precision, checkpoint_every=checkpoint_every,
+                                       grad_clip=grad_clip, checkpoint_every=checkpoint_every,
                                        checkpoint_epochs=checkpoint_epochs,
                                        keep_checkpoints=keep_checkpoints, log_every=log_every,
                                        grid_every=grid_every, eval_every=eval_every,
                                        eval_samples=eval_samples).items() if v is not None}
+    changes.update(fast)
     if metric_names:
         changes["metrics"] = tuple(metric_names)
     if metric_options:
@@ -241,7 +270,8 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
 @click.option("--set", "sets", multiple=True, metavar="sampler.OPTION=VALUE", help="Sampler option, e.g. sampler.eta=0.5.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
-def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, no_progress):
+@fast_options
+def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, no_progress, fast):
     """Draw images from a CHECKPOINT (a .safetensors file or a run directory) with Algorithm 2."""
     from .pipeline import load_checkpoint, save_grid
     from .training import sample_with_progress
@@ -263,7 +293,7 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
                                f"use --sampler ddim --steps {options['steps']}")
         options.pop("steps")
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
-                                  sampler=sampler, sampler_options=options or None)
+                                  sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast))
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
 
@@ -283,8 +313,9 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
+@fast_options
 def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, device,
-             no_progress):
+             no_progress, fast):
     """Score samples from a CHECKPOINT (sampling -n images first) or a folder (--images DIR)."""
     from .checkpoint import write_json
     from .evaluation import build_metrics, evaluate_images, load_image_folder
@@ -312,7 +343,8 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
             raise DdpmkitError(f"-n must be >= 1, got {n}")
         pipe = load_checkpoint(checkpoint, device=dev)
         images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
-                                      sampler=sampler, sampler_options=sampler_opts or None)
+                                      sampler=sampler, sampler_options=sampler_opts or None,
+                                      fast=_fast_path(pipe, fast))
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
     with make_progress(err_console, not no_progress) as bar:
@@ -321,6 +353,13 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
         click.echo(f"{key}: {value:.6g}")
     if json_out:
         write_json(json_out, {"results": results, "metrics": list(metric_names), "options": metric_opts, **source})
+
+
+def _fast_path(pipe, flags):
+    """The checkpoint's fast-path settings with the flags given on the command line."""
+    from .accel import FastPath
+
+    return FastPath.from_run(pipe.config, **flags)
 
 
 @cli.command("export")

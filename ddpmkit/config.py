@@ -140,6 +140,11 @@ class RunConfig:
     grad_accum: int = attrs.field(default=1, validator=_positive)
     grad_clip: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
+    # The fast path (ddpmkit.accel.FastPath): None = auto, i.e. on for CUDA, off on the CPU.
+    channels_last: bool | None = None
+    tf32: bool | None = None
+    compile: bool = False
+    cuda_graphs: bool | None = None  # sampling only
     checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # steps; 0: by epochs
     checkpoint_epochs: int = attrs.field(default=1, validator=_positive)  # every N epochs when checkpoint_every is 0
     keep_checkpoints: int = attrs.field(default=3, validator=attrs.validators.ge(1))

@@ -233,9 +233,11 @@ class GaussianDiffusion:
             x_0, shape ``shape``, not clamped.
         """
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)           # line 1: x_T ~ N(0, I)
+        # Buffers made once: the loop allocates no noise or timestep tensors and never waits for the device.
         t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
+        z_buf = torch.empty(shape, device=device, dtype=dtype)
         for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
-            z = torch.randn(shape, generator=generator, device=device, dtype=dtype) if t > 0 else None  # line 3
+            z = torch.randn(shape, generator=generator, out=z_buf) if t > 0 else None     # line 3
             eps = model(x, t_batch.fill_(t))
             x = self.p_step(eps, x, t, z)                                                  # lines 4–5
             if progress is not None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
+from .accel import FastPath, accelerated, is_eager
 from .checkpoint import atomic_write, read_checkpoint
 from .config import RunConfig, config_to_dict
 from .diffusion import GaussianDiffusion
@@ -100,7 +102,7 @@ class Pipeline:
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256,
                progress: Callable[[int, int], None] | None = None, sampler: str | None = None,
-               sampler_options: dict[str, Any] | None = None) -> torch.Tensor:
+               sampler_options: dict[str, Any] | None = None, fast: FastPath | None = None) -> torch.Tensor:
         """``n`` images in [-1, 1], shape ``(n, C, H, W)``, on CPU.
 
         Args:
@@ -110,6 +112,9 @@ class Pipeline:
             progress: ``progress(done_steps, total_steps)`` after every reverse step.
             sampler: a sampler plugin by name; default the run's (``ddpm``: Algorithm 2).
             sampler_options: its options, e.g. ``{"steps": 50, "eta": 0.0}`` for ``ddim``.
+            fast: how the network runs (:class:`~ddpmkit.accel.FastPath`); default the run's
+                settings, which mean bf16 autocast, channels-last, TF32 and CUDA graphs on CUDA and
+                plain fp32 on the CPU.
         """
         if n < 1:
             raise DdpmkitError(f"number of samples must be >= 1, got {n}")
@@ -119,18 +124,25 @@ class Pipeline:
         else:
             opts = dict(sampler_options or {})
         sampler_obj, _ = make_sampler(sampler, opts, self.diffusion)
+        fast = FastPath.from_run(self.config) if fast is None else fast
         was_training = self.model.training
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out, T = [], sampler_obj.num_steps
         batches = [min(batch_size, n - i) for i in range(0, n, batch_size)]
         total = T * len(batches)
-        for b_i, b in enumerate(batches):
-            cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
-            x = sampler_obj.sample(self.model, (b, self.channels, self.resolution, self.resolution),
-                                   generator=gen, device=self.device, progress=cb)
-            out.append(x.float().clamp(-1, 1).cpu())
-        self.model.train(was_training)
+        try:
+            with contextlib.ExitStack() as stack:
+                model = self.model
+                if not is_eager(fast, self.device):
+                    model = stack.enter_context(accelerated(self.model, fast, self.device))
+                for b_i, b in enumerate(batches):
+                    cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
+                    x = sampler_obj.sample(model, (b, self.channels, self.resolution, self.resolution),
+                                           generator=gen, device=self.device, progress=cb)
+                    out.append(x.float().clamp(-1, 1).cpu())
+        finally:
+            self.model.train(was_training)
         return torch.cat(out)
 
 

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .checkpoint import atomic_write, save_checkpoint, write_json
+from .accel import FastPath, tf32_mode
 from .config import RunConfig
 from .errors import DdpmkitError
 from .pipeline import Pipeline, make_diffusion, make_predictor, make_sampler, resolve_device, resolved_config, save_grid
@@ -227,8 +228,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.start(dev)
+    fast = FastPath.from_run(config).resolve(dev)  # an impossible switch fails here, before anything is built
     try:
-        return _train(config, run_dir, dev, dist, progress and dist.main, console, sample_grid, resume)
+        with tf32_mode(fast.tf32):
+            return _train(config, run_dir, dev, dist, progress and dist.main, console, sample_grid, resume)
     finally:
         dist.stop()
 
@@ -280,12 +283,15 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
 
         ema = EMAModel(model.parameters(), decay=config.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and dev.type == "cuda")
-    if use_bf16 and dev.type != "cuda":
-        raise DdpmkitError("--precision bf16 needs a CUDA device; on the CPU training runs in fp32")
+    fast = FastPath.from_run(config).resolve(dev)  # CUDA graphs are for sampling only
+    use_bf16 = fast.precision == "bf16"
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
     ddp_model = model
     if dist.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if fast.compile:
+        ddp_model = torch.compile(ddp_model)
 
     noise_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
     # The loader gets its own generator: creating an iterator must not draw from the global RNG
@@ -326,6 +332,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
 
     def checkpoint():
         nonlocal last_saved
+        check_finite()  # never save weights that a non-finite loss has touched
         last_saved = state.step
         if log:
             log.flush()  # every metric up to the checkpoint's step is on disk before the checkpoint is
@@ -362,6 +369,17 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
         return Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
 
     # --- Algorithm 1 -------------------------------------------------------
+    first_bad = torch.zeros((), dtype=torch.long, device=dev)  # 1-based step of the first non-finite loss
+
+    def check_finite(value: torch.Tensor | None = None) -> float | None:
+        """``value`` as a float (one host sync); stops the run if any loss so far was not finite."""
+        bad = int(first_bad)
+        if bad:
+            last = latest_checkpoint(ckpt_dir)
+            kept = f"; the last good checkpoint is {last}" if last else ""
+            raise DdpmkitError(f"loss became nan or inf at step {bad}; stopped (lower --lr or add --grad-clip){kept}")
+        return None if value is None else value.item()
+
     t0, images_seen = time.perf_counter(), 0
     log = open(metrics_path, "a") if dist.main else None  # noqa: SIM115 (closed in finally)
     try:
@@ -372,7 +390,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                 bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
                 batches.set_epoch(epoch, state.batch * config.grad_accum)
                 it = iter(loader)
-                epoch_loss, epoch_n = 0.0, 0
+                epoch_loss, epoch_n = torch.zeros((), device=dev), 0
                 while state.batch < steps_per_epoch and state.step < total:
                     optimizer.zero_grad(set_to_none=True)
                     step_loss = torch.zeros((), device=dev)
@@ -384,12 +402,10 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                                                            global_batch=micro, offset=dist.rank * x0.shape[0])
                         (loss / config.grad_accum).backward()
                         step_loss += loss.detach().float() / config.grad_accum
-                    value = dist.mean(step_loss).item()
-                    if not math.isfinite(value):
-                        last = latest_checkpoint(ckpt_dir)
-                        kept = f"; the last good checkpoint is {last}" if last else ""
-                        raise DdpmkitError(f"loss became {value} at step {state.step + 1}; stopped "
-                                           f"(lower --lr or add --grad-clip){kept}")
+                    step_loss = dist.mean(step_loss)
+                    # No host sync per step: the first non-finite step is recorded on the device and read
+                    # only when a value is needed (logging, checkpoints, the end of an epoch).
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), state.step + 1, first_bad)
                     if config.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     optimizer.step()
@@ -399,18 +415,21 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                     state.step += 1
                     state.batch += 1
                     images_seen += config.batch_size
-                    epoch_loss += value
+                    epoch_loss += step_loss
                     epoch_n += 1
-                    speed = images_seen / (time.perf_counter() - t0)
-                    bar.update(task, completed=state.step, info=f"loss {value:.4f}  {speed:.0f} img/s")
-                    if log and (state.step % config.log_every == 0 or state.step == total):
-                        lr = scheduler.get_last_lr()[0]
-                        log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "loss": value, "lr": lr,
-                                              "images_per_s": speed}) + "\n")
-                        if writer:
-                            writer.add_scalar("loss", value, state.step)
-                            writer.add_scalar("lr", lr, state.step)
-                            writer.add_scalar("images_per_s", speed, state.step)
+                    if state.step % config.log_every == 0 or state.step == total:
+                        value = check_finite(step_loss)
+                        speed = images_seen / (time.perf_counter() - t0)
+                        bar.update(task, info=f"loss {value:.4f}  {speed:.0f} img/s")
+                        if log:
+                            lr = scheduler.get_last_lr()[0]
+                            log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "loss": value, "lr": lr,
+                                                  "images_per_s": speed}) + "\n")
+                            if writer:
+                                writer.add_scalar("loss", value, state.step)
+                                writer.add_scalar("lr", lr, state.step)
+                                writer.add_scalar("images_per_s", speed, state.step)
+                    bar.update(task, completed=state.step)
                     if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                         checkpoint()
                 del it
@@ -418,7 +437,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
                     state.epoch, state.batch = epoch + 1, 0
                     if log:
                         log.write(json.dumps({"epoch": epoch + 1, "step": state.step,
-                                              "mean_loss": epoch_loss / max(1, epoch_n),
+                                              "mean_loss": check_finite(epoch_loss / max(1, epoch_n)),
                                               "elapsed_s": time.perf_counter() - t0}) + "\n")
                         log.flush()
                     if not config.checkpoint_every and state.epoch % config.checkpoint_epochs == 0:

@@ -127,7 +127,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path):
                                  "--out", str(run)])
     assert r.exit_code == 2
     line = r.stderr.strip()
-    assert line.startswith("Error: loss became nan at step 12; stopped") and "step-00000010.safetensors" in line
+    assert line.startswith("Error: loss became nan or inf at step 12; stopped") and "step-00000010.safetensors" in line
     assert "\n" not in line
     assert not (run / "model.safetensors").exists()
     good = tensors(run / "checkpoints" / "step-00000010.safetensors")
@@ -160,8 +160,10 @@ def test_grad_accum_clip_and_precision(tmp_path):
     assert cfg["grad_accum"] == 2 and cfg["grad_clip"] == 0.5 and cfg["precision"] == "auto"
     r = CliRunner().invoke(cli, ["run", *BASE, "--max-steps", "2", "--grad-accum", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not divisible by --grad-accum 3" in r.stderr
+    # bf16 autocast also runs on the CPU (it pays where the processor has bf16 instructions)
     r = CliRunner().invoke(cli, ["run", *BASE, "--max-steps", "2", "--precision", "bf16", "--out", str(tmp_path / "y")])
-    assert r.exit_code == 2 and "bf16 needs a CUDA device" in r.stderr
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["run"]["precision"] == "bf16"
 
 
 def test_figures_and_logs(tmp_path):

@@ -1,0 +1,198 @@
+"""The fast path (ddpmkit.accel): what each switch resolves to, that it runs the same function, and
+that it leaves the model and PyTorch's global settings as it found them.
+
+The CUDA-only checks (graphs, bf16 on the GPU, compile + graphs) run where CUDA is present (the
+benchmark machine); on the CPU they are skipped and the CPU paths are checked instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ddpmkit
+from ddpmkit.accel import FastPath, accelerated, is_eager, model_memory_format, tf32_mode
+from ddpmkit.cli import cli
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def small_unet(seed=0):
+    torch.manual_seed(seed)
+    return ddpmkit.build("predictor", "unet2d", {"block_out_channels": (16, 32), "attention_resolutions": (4,),
+                                                 "layers_per_block": 1, "norm_num_groups": 8},
+                         channels=1, resolution=8).eval()
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_auto_resolves_per_device():
+    auto = FastPath()
+    assert auto.resolve(CPU) == FastPath(precision="fp32", channels_last=False, tf32=False, compile=False,
+                                         cuda_graphs=False)
+    assert is_eager(auto, CPU)
+    assert auto.resolve(CUDA) == FastPath(precision="bf16", channels_last=True, tf32=True, compile=False,
+                                          cuda_graphs=True)
+    assert not is_eager(auto, CUDA)
+    explicit = FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False)
+    assert is_eager(explicit, CUDA)
+    assert FastPath(precision="bf16").resolve(CPU).precision == "bf16"
+    with pytest.raises(ddpmkit.DdpmkitError, match="cuda-graphs needs a CUDA device"):
+        FastPath(cuda_graphs=True).resolve(CPU)
+    with pytest.raises(ValueError):
+        FastPath(precision="fp16")
+
+
+def test_from_run_takes_the_config_and_overrides():
+    config = ddpmkit.preset_config("laptop")
+    config.channels_last, config.precision = True, "bf16"
+    fast = FastPath.from_run(config, compile=True, precision=None)
+    assert (fast.precision, fast.channels_last, fast.compile, fast.cuda_graphs) == ("bf16", True, True, None)
+
+
+def test_tf32_mode_restores_global_settings():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    with tf32_mode(True):
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    with tf32_mode(False):
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("start", [torch.contiguous_format, torch.channels_last])
+def test_channels_last_same_function_and_model_restored(start):
+    model = small_unet().to(memory_format=start)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.inference_mode():
+        ref = model(x, t)
+        with accelerated(model, FastPath(precision="fp32", channels_last=True), CPU) as fn:
+            assert model_memory_format(model) == torch.channels_last
+            out = fn(x, t)
+    assert model_memory_format(model) == start
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert rel(out, ref) < 1e-5
+
+
+def test_bf16_autocast_on_cpu_is_bf16_and_close():
+    model = small_unet()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.inference_mode():
+        ref = model(x, t)
+        with accelerated(model, FastPath(precision="bf16"), CPU) as fn:
+            out = fn(x, t)
+    err = rel(out, ref)
+    assert out.dtype == torch.float32
+    assert 1e-4 < err < 3e-2, err  # bf16 rounding is visible, and small
+
+
+def test_pipeline_sample_fast_path_on_cpu(tmp_path):
+    config = ddpmkit.preset_config("laptop")
+    config.max_steps, config.ema_decay = 2, None
+    config.schedule.options["timesteps"] = 20
+    config.dataset.options["limit"] = 200
+    pipe = ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
+    ref = pipe.sample(8, seed=3)
+    again = pipe.sample(8, seed=3, fast=FastPath(precision="fp32", channels_last=False))
+    assert torch.equal(ref, again)  # the CPU default is plain fp32 eager
+    cl = pipe.sample(8, seed=3, fast=FastPath(channels_last=True))
+    assert (cl - ref).abs().max() < 1e-4
+    bf = pipe.sample(8, seed=3, fast=FastPath(precision="bf16"))
+    assert 0 < (bf - ref).abs().mean() < 0.05
+    assert model_memory_format(pipe.model) == torch.contiguous_format
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compile_runs_the_same_function():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x, t):
+            return self.body(x) + t.float().view(-1, 1, 1, 1) / 1000
+
+    net = Net().eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.inference_mode():
+        ref = net(x, t)
+        with accelerated(net, FastPath(precision="fp32", compile=True), CPU) as fn:
+            out = fn(x, t)
+    assert rel(out, ref) < 1e-5
+
+
+def test_training_with_channels_last_and_bf16_on_cpu(tmp_path):
+    config = ddpmkit.preset_config("laptop")
+    config.max_steps, config.ema_decay, config.log_every = 3, None, 1
+    config.dataset.options["limit"] = 200
+    base = ddpmkit.train(config, tmp_path / "a", device="cpu", progress=False, sample_grid=False)
+    config.channels_last = True
+    cl = ddpmkit.train(config, tmp_path / "b", device="cpu", progress=False, sample_grid=False)
+    for (k, a), (_, b) in zip(base.model.state_dict().items(), cl.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-4), k
+    config.channels_last, config.precision = False, "bf16"
+    bf = ddpmkit.train(config, tmp_path / "c", device="cpu", progress=False, sample_grid=False)
+    diff = max((a - b).abs().max().item() for a, b in zip(base.model.state_dict().values(),
+                                                          bf.model.state_dict().values()))
+    assert 0 < diff < 0.1  # trained in bf16: close to fp32, not identical
+    # the checkpoint of a channels-last run loads and samples like any other
+    pipe = ddpmkit.load_checkpoint(tmp_path / "b" / "model.safetensors")
+    assert pipe.sample(2, seed=0).shape == (2, 1, 16, 16)
+
+
+def test_cli_cuda_graphs_on_cpu_is_one_line(tmp_path):
+    config = ddpmkit.preset_config("laptop")
+    config.max_steps, config.ema_decay = 1, None
+    config.schedule.options["timesteps"] = 10
+    config.dataset.options["limit"] = 100
+    ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
+    r = CliRunner().invoke(cli, ["sample", str(tmp_path / "run"), "-n", "2", "--cuda-graphs", "--device", "cpu",
+                                 "--out", str(tmp_path / "s.png"), "--no-progress"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == ["Error: --cuda-graphs needs a CUDA device; drop it (or use --device cuda)"]
+    r = CliRunner().invoke(cli, ["sample", str(tmp_path / "run"), "-n", "2", "--precision", "bf16",
+                                 "--channels-last", "--device", "cpu", "--out", str(tmp_path / "s.png"),
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s.png").exists()
+
+
+# ---------------------------------------------------------------------------
+# CUDA (run on the GPU machine; skipped on the CPU)
+# ---------------------------------------------------------------------------
+@cuda_only
+def test_cuda_graphs_replay_the_eager_function():
+    model = small_unet().to(CUDA)
+    x, t = torch.randn(4, 1, 8, 8, device=CUDA), torch.tensor([0, 10, 500, 999], device=CUDA)
+    eager = FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False)
+    graphed = FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=True)
+    with torch.inference_mode():
+        with accelerated(model, eager, CUDA) as fn:
+            ref, ref2 = fn(x, t), fn(x * 0.5, t)
+        with accelerated(model, graphed, CUDA) as fn:
+            outs = [fn(x, t), fn(x * 0.5, t)]  # second call: the graph is replayed with new inputs
+    assert rel(outs[0], ref) < 1e-6 and rel(outs[1], ref2) < 1e-6
+    assert not torch.equal(outs[0], outs[1])  # outputs are copies, not the graph's buffer
+
+
+@cuda_only
+def test_cuda_fast_path_samples_close_to_fp32(tmp_path):
+    config = ddpmkit.preset_config("laptop")
+    config.max_steps, config.ema_decay = 20, None
+    config.schedule.options["timesteps"] = 50
+    config.dataset.options["limit"] = 500
+    pipe = ddpmkit.train(config, tmp_path / "run", device="cuda", progress=False, sample_grid=False)
+    ref = pipe.sample(16, seed=1, fast=FastPath.eager())
+    graphs = pipe.sample(16, seed=1, fast=FastPath(precision="fp32", channels_last=False, tf32=False,
+                                                    cuda_graphs=True))
+    assert (graphs - ref).abs().max() < 1e-4
+    fast = pipe.sample(16, seed=1)  # the CUDA default: bf16 + channels-last + TF32 + graphs
+    assert 0 < (fast - ref).abs().mean() < 0.05
+    assert model_memory_format(pipe.model) == torch.contiguous_format

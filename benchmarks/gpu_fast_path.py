@@ -199,17 +199,21 @@ def training(args, dev, results):
     if args.compile:
         rows["ddpmkit fast+compile"] = lambda: ddpmkit_train(config, dev, warm, steps, FAST_COMPILE)
     per_step = {k: [] for k in rows}
+    peak = {}
     for r in range(args.rounds):
         for name, fn in rows.items():
             t0 = time.perf_counter()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             per_step[name].append(fn())
+            peak[name] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
             print(f"training round {r + 1}: {name} {per_step[name][-1] * 1000:.2f} ms/step "
                   f"({time.perf_counter() - t0:.0f} s with set-up)", flush=True)
     base = statistics.median(per_step["ddpmkit fp32"])
     for name in rows:
         med = statistics.median(per_step[name])
         results["training"][name] = {"ms_per_step": med * 1000, "images_per_s": config.batch_size / med,
-                                     "speedup_vs_ddpmkit_fp32": base / med}
+                                     "speedup_vs_ddpmkit_fp32": base / med, "peak_mib": peak[name]}
     results["training_setup"] = {"batch": config.batch_size, "warmup_steps": warm, "timed_steps": steps,
                                  "rounds": args.rounds}
 
@@ -257,7 +261,7 @@ def main():
               f"median of {s['rounds']}")
         for k, v in results["training"].items():
             print(f"  {k:<22}{v['ms_per_step']:8.2f} ms/step{v['images_per_s']:9.0f} img/s"
-                  f"{v['speedup_vs_ddpmkit_fp32']:8.2f}x")
+                  f"{v['speedup_vs_ddpmkit_fp32']:8.2f}x  peak {v['peak_mib']:.0f} MiB")
         tr = results["training"]
         print(f"  ratio ddpmkit fp32 / plain fp32 loop = "
               f"{tr['ddpmkit fp32']['ms_per_step'] / tr['plain fp32 loop']['ms_per_step']:.3f}")

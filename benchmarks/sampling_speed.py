@@ -1,8 +1,16 @@
 """DDPM sampling: ddpmkit vs diffusers' DDPMPipeline with the same UNet weights, betas and T.
 
-Also DDIM with 50 steps against DDPM with all T steps, with the samples' quality measured by the
-offline ``digit-score`` (meaningful for a checkpoint trained on digits). Runs alternate in the
-same process so that the ratios hold on a noisy machine; peak memory is reported on CUDA.
+Rows (all T steps unless named otherwise, ``-n`` images in one batch):
+    diffusers ddpm        DDPMPipeline, fp32
+    ddpmkit ddpm          fp32, plain eager (same numbers as diffusers to ~1e-6)
+    ddpmkit ddpm cl       fp32 with channels-last weights and inputs
+    ddpmkit ddpm bf16     the fast path on a CPU with bf16 instructions: bf16 autocast
+    ddpmkit ddim-50       DDIM, 50 steps, η = 0, fp32
+On CUDA the fast-path rows use the CUDA defaults (see benchmarks/gpu_fast_path.py for the full
+GPU table). Each row runs in its own child process, in alternating rounds, so that machine noise
+hits every row alike and each row's peak memory is its own: on CUDA ``max_memory_allocated``, on
+the CPU the rise of the process's peak resident memory (VmHWM) over its size before sampling.
+With a digit checkpoint, the offline ``digit-score`` of each row's samples is printed too.
 
     python benchmarks/sampling_speed.py [CHECKPOINT] [-n 64] [--rounds 2] [--device auto]
 
@@ -12,14 +20,77 @@ Without a checkpoint, a randomly initialised laptop-preset UNet is timed (speed 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
 import ddpmkit
-from ddpmkit.export import export_diffusers
+from ddpmkit.accel import FastPath
+
+ROWS = {
+    "diffusers ddpm": None,
+    "ddpmkit ddpm": FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False),
+    "ddpmkit ddpm cl": FastPath(precision="fp32", channels_last=True, tf32=False, cuda_graphs=False),
+    "ddpmkit ddpm bf16": FastPath(precision="bf16"),
+    "ddpmkit ddim-50": FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False),
+}
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(args) -> None:
+    """Run one row once; print its time, peak memory and (with a digit checkpoint) digit score as JSON."""
+    from diffusers import DDPMPipeline
+
+    from ddpmkit.export import export_diffusers
+
+    dev = ddpmkit.resolve_device(args.device)
+    pipe = ddpmkit.load_checkpoint(args.checkpoint, device=dev)
+    T = pipe.diffusion.num_timesteps
+    name = args.child
+    if name == "diffusers ddpm":
+        with tempfile.TemporaryDirectory() as d:
+            export_diffusers(pipe, f"{d}/pipe")
+            theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
+        theirs.set_progress_bar_config(disable=True)
+
+        def run():
+            with torch.inference_mode():
+                images = theirs(batch_size=args.n, generator=torch.Generator(device=dev).manual_seed(0),
+                                num_inference_steps=T, output_type="pt").images
+            return images * 2 - 1
+    else:
+        sampler, opts = ("ddim", {"steps": 50}) if "ddim" in name else (None, None)
+
+        def run():
+            return pipe.sample(args.n, seed=0, batch_size=args.n, sampler=sampler, sampler_options=opts,
+                               fast=ROWS[name])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    images = run()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else (_status_kib("VmHWM") - rss0) / 1024)
+    out = {"seconds": seconds, "peak_mib": peak, "T": T, "device": str(dev), "threads": torch.get_num_threads()}
+    if args.score:
+        score = ddpmkit.build("metric", "digit-score", {}, device=dev)
+        out["digit_score"] = score(images.float().cpu())
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def main():
@@ -28,62 +99,52 @@ def main():
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    from diffusers import DDPMPipeline
-
-    dev = ddpmkit.resolve_device(args.device)
-    if args.checkpoint:
-        pipe = ddpmkit.load_checkpoint(args.checkpoint, device=dev)
-    else:
-        config = ddpmkit.preset_config("laptop")
-        config.max_steps, config.ema_decay = 1, None
-        with tempfile.TemporaryDirectory() as d:
-            ddpmkit.train(config, d, device=dev, progress=False, sample_grid=False)
-            pipe = ddpmkit.load_checkpoint(d, device=dev)
+    if args.child:
+        return child(args)
+    rows = [r.strip() for r in args.rows.split(",")]
     with tempfile.TemporaryDirectory() as d:
-        export_diffusers(pipe, f"{d}/pipe")
-        theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
-    theirs.set_progress_bar_config(disable=True)
-    T = pipe.diffusion.num_timesteps
-
-    def ours_ddpm():
-        return pipe.sample(args.n, seed=0, batch_size=args.n)
-
-    def diffusers_ddpm():
-        with torch.inference_mode():
-            return theirs(batch_size=args.n, generator=torch.Generator(device=dev).manual_seed(0),
-                          num_inference_steps=T, output_type="pt").images
-
-    def ours_ddim():
-        return pipe.sample(args.n, seed=0, batch_size=args.n, sampler="ddim", sampler_options={"steps": 50})
-
-    runs = {"ddpmkit ddpm": ours_ddpm, "diffusers ddpm": diffusers_ddpm, "ddpmkit ddim-50": ours_ddim}
-    times = {k: [] for k in runs}
-    peak = {}
-    outputs = {}
-    for r in range(args.rounds):
-        for name, fn in runs.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            outputs[name] = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                peak[name] = torch.cuda.max_memory_allocated() / 2**20
-            times[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"device {dev}, torch {torch.__version__}; {args.n} images, T = {T}")
-    for k, v in med.items():
-        mem = f", peak {peak[k]:.0f} MiB" if k in peak else ""
-        print(f"  {k:<16} {v:8.2f} s{mem}")
-    print(f"ratio ddpmkit/diffusers (DDPM, same T) = {med['ddpmkit ddpm'] / med['diffusers ddpm']:.3f}")
-    print(f"ratio ddim-50/ddpm-{T} (ddpmkit) = {med['ddpmkit ddim-50'] / med['ddpmkit ddpm']:.3f}")
-    if args.checkpoint:
-        score = ddpmkit.build("metric", "digit-score", {}, device=dev)
-        for name in ("ddpmkit ddpm", "ddpmkit ddim-50"):
-            print(f"  digit-score {name}: {score(outputs[name].float())}")
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            config = ddpmkit.preset_config("laptop")
+            config.max_steps, config.ema_decay = 1, None
+            ddpmkit.train(config, f"{d}/run", device="cpu", progress=False, sample_grid=False)
+            checkpoint = f"{d}/run"
+        results = {r: [] for r in rows}
+        for rnd in range(args.rounds):
+            for r in rows:
+                cmd = [sys.executable, __file__, checkpoint, "-n", str(args.n), "--device", args.device, "--child", r]
+                if args.checkpoint and rnd == 0:
+                    cmd.append("--score")
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    raise SystemExit(f"row {r} failed:\n{proc.stderr[-2000:]}")
+                results[r].append(json.loads(line[0][7:]))
+            print(f"round {rnd + 1}: " + ", ".join(f"{r} {v[-1]['seconds']:.1f} s" for r, v in results.items()),
+                  flush=True)
+    first = results[rows[0]][0]
+    print(f"device {first['device']} ({first['threads']} threads), torch {torch.__version__}; "
+          f"{args.n} images, T = {first['T']}, median of {args.rounds} rounds")
+    med = {r: statistics.median(x["seconds"] for x in v) for r, v in results.items()}
+    best = {r: min(x["seconds"] for x in v) for r, v in results.items()}
+    for r, v in results.items():
+        peak = max(x["peak_mib"] for x in v)
+        score = v[0].get("digit_score")
+        extra = (f", digit-score IS {score['digit_is']:.2f}, clear {score['digit_clear_fraction']:.0%}"
+                 if score else "")
+        print(f"  {r:<20} median {med[r]:7.2f} s, min {best[r]:7.2f} s, peak +{peak:.0f} MiB{extra}")
+    # Noise on a shared machine only ever adds time, so the minimum is the steadier estimate.
+    if "diffusers ddpm" in med:
+        for r in rows:
+            if r.startswith("ddpmkit ddpm"):
+                print(f"ratio {r} / diffusers ddpm = {med[r] / med['diffusers ddpm']:.3f} (medians), "
+                      f"{best[r] / best['diffusers ddpm']:.3f} (minima)")
+    if "ddpmkit ddim-50" in med and "ddpmkit ddpm" in med:
+        print(f"ratio ddpmkit ddim-50 / ddpmkit ddpm = {med['ddpmkit ddim-50'] / med['ddpmkit ddpm']:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -47,8 +48,6 @@ FAST_FLAGS = ("precision", "channels_last", "tf32", "compile", "cuda_graphs")
 
 def fast_options(f):
     """The fast-path flags (ddpmkit.accel.FastPath), collected into one ``fast`` dict (None: not given)."""
-    import functools
-
     options = [
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
                      help="auto: bf16 autocast on CUDA, fp32 on the CPU."),

@@ -200,7 +200,7 @@ class GaussianDiffusion:
             return _gather(self.sqrt_recip_alphas, t, xt) * (xt - _gather(self.eps_coef, t, xt) * output)
         return self.q_posterior(self.split_output(output, xt, t)[1], xt, t)[0]
 
-    def p_step(self, eps: Tensor, xt: Tensor, t: int, noise: Tensor | None) -> Tensor:
+    def p_step(self, eps: Tensor, xt: Tensor, t: int, noise: Tensor | None, t_batch: Tensor | None = None) -> Tensor:
         """One reverse step, Algorithm 2 lines 3–5: x_{t−1} = μ_θ(x_t, t) + σ_t z.
 
         Args:
@@ -208,8 +208,10 @@ class GaussianDiffusion:
             xt: current sample, ``(B, C, H, W)``.
             t: the 0-based step (the same for the whole batch).
             noise: z ~ N(0, I) shaped like ``xt``; ignored (z = 0) when ``t == 0``.
+            t_batch: ``t`` repeated for the batch, shape ``(B,)``, long, on ``xt``'s device, if the
+                caller has it already. Default: made here.
         """
-        ti = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
+        ti = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device) if t_batch is None else t_batch
         mean = self.p_mean(eps, xt, ti)
         if t == 0 or noise is None:   # line 3: z = 0 at the last step
             return mean
@@ -233,13 +235,14 @@ class GaussianDiffusion:
             x_0, shape ``shape``, not clamped.
         """
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)           # line 1: x_T ~ N(0, I)
-        # Buffers made once: the loop allocates no noise or timestep tensors and never waits for the device.
+        # Buffers made once: no noise or timestep tensor is allocated per step, and nothing in the loop
+        # waits for the device (the tables are copied to it once, σ_t is read from the CPU table).
         t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
         z_buf = torch.empty(shape, device=device, dtype=dtype)
         for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
             z = torch.randn(shape, generator=generator, out=z_buf) if t > 0 else None     # line 3
             eps = model(x, t_batch.fill_(t))
-            x = self.p_step(eps, x, t, z)                                                  # lines 4–5
+            x = self.p_step(eps, x, t, z, t_batch)                                         # lines 4–5
             if progress is not None:
                 progress(n + 1)
         return x                                                                           # line 7

@@ -231,12 +231,12 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     fast = FastPath.from_run(config).resolve(dev)  # an impossible switch fails here, before anything is built
     try:
         with tf32_mode(fast.tf32):
-            return _train(config, run_dir, dev, dist, progress and dist.main, console, sample_grid, resume)
+            return _train(config, run_dir, dev, fast, dist, progress and dist.main, console, sample_grid, resume)
     finally:
         dist.stop()
 
 
-def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -> Pipeline:
+def _train(config, run_dir, dev, fast, dist, progress, console, sample_grid, resume) -> Pipeline:
     torch.manual_seed(config.seed)
 
     # --- components --------------------------------------------------------
@@ -283,8 +283,7 @@ def _train(config, run_dir, dev, dist, progress, console, sample_grid, resume) -
 
         ema = EMAModel(model.parameters(), decay=config.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    fast = FastPath.from_run(config).resolve(dev)  # CUDA graphs are for sampling only
-    use_bf16 = fast.precision == "bf16"
+    use_bf16 = fast.precision == "bf16"  # (fast.cuda_graphs is for sampling only)
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
     ddp_model = model

@@ -31,7 +31,7 @@ import time
 
 import attrs
 import torch
-import torch.nn.functional as F
+from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
 
 import ddpmkit
 from ddpmkit.accel import FastPath, tf32_mode
@@ -139,38 +139,9 @@ def sampling(args, dev, results):
 
 
 def plain_train(config, dev, warm, steps) -> float:
-    """The loop a user would write by hand: Algorithm 1, fp32, Adam, SmoothL1. Returns s/step."""
-    ds = ddpmkit.build("dataset", config.dataset.name, config.dataset.options)
-    torch.manual_seed(0)
-    model = ddpmkit.build("predictor", config.predictor.name, config.predictor.options,
-                          channels=ds.channels, resolution=ds.resolution).to(dev).train()
-    betas = ddpmkit.build("schedule", config.schedule.name, config.schedule.options)
-    alpha_bar = torch.cumprod(1 - betas, 0).float().to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = torch.utils.data.DataLoader(ds, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         pin_memory=True)
-    it = iter(loader)
-    t0 = None
+    """The hand-written loop (benchmarks/plain_loop.py) in full fp32. Returns s/step."""
     with tf32_mode(False):
-        for i in range(warm + steps):
-            if i == warm:
-                sync(dev)
-                t0 = time.perf_counter()
-            try:
-                x0, _ = next(it)
-            except StopIteration:
-                it = iter(loader)
-                x0, _ = next(it)
-            x0 = x0.to(dev, non_blocking=True)
-            t = torch.randint(0, len(betas), (x0.shape[0],), device=dev)
-            eps = torch.randn_like(x0)
-            a = alpha_bar[t].view(-1, 1, 1, 1)
-            loss = F.smooth_l1_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sync(dev)
-    return (time.perf_counter() - t0) / steps
+        return plain_loop(config, steps, dev, warm)
 
 
 def ddpmkit_train(config, dev, warm, steps, fast: FastPath) -> float:

@@ -14,40 +14,10 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
+from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
 
 import ddpmkit
 from ddpmkit.training import train
-
-
-def plain_loop(config, steps: int) -> float:
-    """The loop a user would write by hand (Algorithm 1, Adam, no framework)."""
-    ds = ddpmkit.build("dataset", config.dataset.name, config.dataset.options)
-    torch.manual_seed(config.seed)
-    model = ddpmkit.build("predictor", config.predictor.name, config.predictor.options,
-                          channels=ds.channels, resolution=ds.resolution)
-    betas = ddpmkit.build("schedule", config.schedule.name, config.schedule.options)
-    alpha_bar = torch.cumprod(1 - betas, 0).float()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = torch.utils.data.DataLoader(ds, batch_size=config.batch_size, shuffle=True, drop_last=True)
-    it = iter(loader)
-    t0 = None
-    for i in range(steps + 3):
-        if i == 3:
-            t0 = time.perf_counter()
-        try:
-            x0, _ = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x0, _ = next(it)
-        t = torch.randint(0, len(betas), (x0.shape[0],))
-        eps = torch.randn_like(x0)
-        a = alpha_bar[t].view(-1, 1, 1, 1)
-        loss = F.smooth_l1_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / steps
 
 
 def ddpmkit_loop(config, steps: int) -> float:

@@ -29,6 +29,18 @@ def small_unet(seed=0):
                          channels=1, resolution=8).eval()
 
 
+def laptop(max_steps, limit=200, timesteps=None, **changes):
+    """The laptop preset cut down to a few steps on a few images."""
+    config = ddpmkit.preset_config("laptop")
+    config.max_steps, config.ema_decay = max_steps, None
+    config.dataset.options["limit"] = limit
+    if timesteps:
+        config.schedule.options["timesteps"] = timesteps
+    for k, v in changes.items():
+        setattr(config, k, v)
+    return config
+
+
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -93,10 +105,7 @@ def test_bf16_autocast_on_cpu_is_bf16_and_close():
 
 
 def test_pipeline_sample_fast_path_on_cpu(tmp_path):
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay = 2, None
-    config.schedule.options["timesteps"] = 20
-    config.dataset.options["limit"] = 200
+    config = laptop(2, timesteps=20)
     pipe = ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
     ref = pipe.sample(8, seed=3)
     again = pipe.sample(8, seed=3, fast=FastPath(precision="fp32", channels_last=False))
@@ -130,9 +139,7 @@ def test_compile_runs_the_same_function():
 
 
 def test_training_with_channels_last_and_bf16_on_cpu(tmp_path):
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay, config.log_every = 3, None, 1
-    config.dataset.options["limit"] = 200
+    config = laptop(3, log_every=1)
     base = ddpmkit.train(config, tmp_path / "a", device="cpu", progress=False, sample_grid=False)
     config.channels_last = True
     cl = ddpmkit.train(config, tmp_path / "b", device="cpu", progress=False, sample_grid=False)
@@ -149,10 +156,7 @@ def test_training_with_channels_last_and_bf16_on_cpu(tmp_path):
 
 
 def test_cli_cuda_graphs_on_cpu_is_one_line(tmp_path):
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay = 1, None
-    config.schedule.options["timesteps"] = 10
-    config.dataset.options["limit"] = 100
+    config = laptop(1, limit=100, timesteps=10)
     ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
     r = CliRunner().invoke(cli, ["sample", str(tmp_path / "run"), "-n", "2", "--cuda-graphs", "--device", "cpu",
                                  "--out", str(tmp_path / "s.png"), "--no-progress"])
@@ -185,10 +189,7 @@ def test_cuda_graphs_replay_the_eager_function():
 
 @cuda_only
 def test_cuda_fast_path_samples_close_to_fp32(tmp_path):
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay = 20, None
-    config.schedule.options["timesteps"] = 50
-    config.dataset.options["limit"] = 500
+    config = laptop(20, limit=500, timesteps=50)
     pipe = ddpmkit.train(config, tmp_path / "run", device="cuda", progress=False, sample_grid=False)
     ref = pipe.sample(16, seed=1, fast=FastPath.eager())
     graphs = pipe.sample(16, seed=1, fast=FastPath(precision="fp32", channels_last=False, tf32=False,
@@ -201,9 +202,7 @@ def test_cuda_fast_path_samples_close_to_fp32(tmp_path):
 
 def test_training_reads_the_loss_only_when_it_logs(tmp_path, monkeypatch):
     """No host sync per step: the loss is read at log steps (and epoch ends, checkpoints), not every step."""
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay, config.log_every, config.checkpoint_every = 20, None, 10, 10**6
-    config.dataset.options["limit"] = 2000
+    config = laptop(20, limit=2000, log_every=10, checkpoint_every=10**6)
     import sys
 
     reads = []
@@ -238,9 +237,8 @@ def test_cuda_sampling_loop_never_syncs():
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 def test_training_with_compile_follows_eager(tmp_path):
-    config = ddpmkit.preset_config("laptop")
-    config.max_steps, config.ema_decay, config.log_every = 3, None, 1
-    config.dataset.options.update(limit=200, resolution=8)
+    config = laptop(3, log_every=1)
+    config.dataset.options["resolution"] = 8
     config.predictor.options.update(block_out_channels=(16, 32), attention_resolutions=(4,))
     eager = ddpmkit.train(config, tmp_path / "a", device="cpu", progress=False, sample_grid=False)
     config.compile = True

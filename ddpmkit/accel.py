@@ -156,9 +156,16 @@ def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) ->
     """
     fast = fast.resolve(device)
     fmt_before = model_memory_format(model)
+
+    def convert(fmt: torch.memory_format) -> None:
+        # Outside inference mode: weights converted inside it would become inference tensors, which
+        # autograd refuses if the model is trained again afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            model.to(memory_format=fmt)
+
     with tf32_mode(fast.tf32):
         if fast.channels_last:
-            model.to(memory_format=torch.channels_last)
+            convert(torch.channels_last)
         try:
             fn = torch.compile(model) if fast.compile else model
             call: Callable[[Tensor, Tensor], Tensor] = _Eager(fn, fast, device)
@@ -167,7 +174,7 @@ def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) ->
             yield call
         finally:
             if fast.channels_last:
-                model.to(memory_format=fmt_before)
+                convert(fmt_before)
 
 
 def is_eager(fast: FastPath, device: torch.device) -> bool:

@@ -90,6 +90,11 @@ def test_channels_last_same_function_and_model_restored(start):
     assert model_memory_format(model) == start
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert rel(out, ref) < 1e-5
+    # the weights are ordinary tensors again: the model can be trained after sampling
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(x, t).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_bf16_autocast_on_cpu_is_bf16_and_close():

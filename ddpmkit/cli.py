@@ -52,7 +52,7 @@ def fast_options(f):
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
                      help="auto: bf16 autocast on CUDA, fp32 on the CPU."),
         click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (default: on CUDA)."),
-        click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products on CUDA (default: on)."),
+        click.option("--tf32/--no-tf32", default=None, help="TF32 matrix products and convolutions (default: on CUDA)."),
         click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network (default: off)."),
         click.option("--cuda-graphs/--no-cuda-graphs", default=None,
                      help="Replay the network as a CUDA graph while sampling (default: on CUDA)."),

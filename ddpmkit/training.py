@@ -262,6 +262,8 @@ def _train(config, run_dir, dev, fast, dist, progress, console, sample_grid, res
     torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
     model, pred_cfg = make_predictor(config, channels, resolution)
     model.to(dev).train()
+    if fast.channels_last:  # before the optimizer and the EMA copy are made, so they share the format
+        model.to(memory_format=torch.channels_last)
     loss_fn = loss_comp.create(loss_cfg)
     if config.min_snr_gamma:
         try:
@@ -284,8 +286,6 @@ def _train(config, run_dir, dev, fast, dist, progress, console, sample_grid, res
         ema = EMAModel(model.parameters(), decay=config.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     use_bf16 = fast.precision == "bf16"  # (fast.cuda_graphs is for sampling only)
-    if fast.channels_last:
-        model.to(memory_format=torch.channels_last)
     ddp_model = model
     if dist.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)

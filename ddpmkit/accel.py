@@ -12,6 +12,7 @@ switches that training uses (TF32, channels-last, compile).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator
 
 import attrs
@@ -121,6 +122,7 @@ class _Graphed:
 
     def __init__(self, eager: _Eager, warmup: int = 3):
         self.eager, self.warmup, self.graphs = eager, warmup, {}
+        self.failed: str | None = None  # why capture failed; then every call runs eagerly
 
     def _capture(self, x: Tensor, t: Tensor):
         sx, st = x.clone(), t.clone()
@@ -136,10 +138,18 @@ class _Graphed:
         return sx, st, out, graph
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.failed:
+            return self.eager(x, t)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(x, t)
+            try:
+                entry = self.graphs[key] = self._capture(x, t)
+            except RuntimeError as exc:  # e.g. a predictor that reads values back to the host
+                self.failed = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                warnings.warn(f"the network could not be captured as a CUDA graph ({self.failed}); "
+                              "sampling without graphs (--no-cuda-graphs skips the attempt)", stacklevel=2)
+                return self.eager(x, t)
         sx, st, out, graph = entry
         sx.copy_(x)
         st.copy_(t)

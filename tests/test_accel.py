@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import ddpmkit
-from ddpmkit.accel import FastPath, accelerated, is_eager, model_memory_format, tf32_mode
+from ddpmkit.accel import FastPath, _Eager, _Graphed, accelerated, is_eager, model_memory_format, tf32_mode
 from ddpmkit.cli import cli
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -172,6 +173,28 @@ def test_cli_cuda_graphs_on_cpu_is_one_line(tmp_path):
                                  "--no-progress"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s.png").exists()
+
+
+def test_graph_capture_failure_falls_back_to_eager(monkeypatch):
+    """A network that cannot be captured (say, it reads a value back to the host) still samples."""
+    model = small_unet()
+    eager = _Eager(model, FastPath(precision="fp32", channels_last=False).resolve(CPU), CPU)
+    graphed = _Graphed(eager)
+
+    def refuse(x, t):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    with torch.inference_mode():
+        with pytest.warns(UserWarning, match="could not be captured as a CUDA graph \\(operation not permitted"):
+            out = graphed(x, t)
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            again = graphed(x, t)  # no second attempt, no second warning
+        assert later == []
+        assert torch.equal(out, model(x, t)) and torch.equal(again, out)
+    assert graphed.failed == "operation not permitted when stream is capturing"
 
 
 # ---------------------------------------------------------------------------

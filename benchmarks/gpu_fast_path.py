@@ -220,12 +220,9 @@ def main():
             print(f"  {k:<22}{v['seconds']:8.2f}{v['images_per_s']:9.1f}{v['peak_mib']:10.0f}"
                   f"{v['speedup_vs_ddpmkit_fp32']:8.2f}x{v['mean_abs_diff_vs_ddpmkit_fp32']:13.2e}")
         sm = results["sampling"]
-        print(f"  ratio ddpmkit fp32+graphs / diffusers fp32 = "
-              f"{sm['ddpmkit fp32+graphs']['seconds'] / sm['diffusers fp32']['seconds']:.3f}")
-        print(f"  ratio ddpmkit fp32 (eager) / diffusers fp32 = "
-              f"{sm['ddpmkit fp32']['seconds'] / sm['diffusers fp32']['seconds']:.3f}")
-        print(f"  ratio ddpmkit fast / diffusers bf16 = "
-              f"{sm['ddpmkit fast']['seconds'] / sm['diffusers bf16']['seconds']:.3f}")
+        for a, b in (("ddpmkit fp32+graphs", "diffusers fp32"), ("ddpmkit fp32", "diffusers fp32"),
+                     ("ddpmkit fast", "diffusers bf16")):
+            print(f"  ratio {a} / {b} = {sm[a]['seconds'] / sm[b]['seconds']:.3f}")
     if results["training"]:
         s = results["training_setup"]
         print(f"Training: batch {s['batch']}, {s['timed_steps']} timed steps after {s['warmup_steps']}, "

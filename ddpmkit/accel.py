@@ -5,8 +5,8 @@ predictor's forward pass is executed. On CUDA the defaults turn on what pays the
 channels-last, TF32, CUDA graphs for sampling); on the CPU everything defaults off, so results stay
 bitwise reproducible in fp32.
 
-:func:`accelerated` wraps a model for one sampling call; :func:`training_context` applies the
-switches that training uses (TF32, channels-last, compile).
+:func:`accelerated` wraps a model for one sampling call; ``ddpmkit.training`` applies the
+switches that training uses itself (:func:`tf32_mode`, channels-last weights, ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -68,10 +68,6 @@ class FastPath:
         pick = lambda v: cuda if v is None else bool(v)  # noqa: E731
         return FastPath(precision=precision, channels_last=pick(self.channels_last), tf32=pick(self.tf32) and cuda,
                         compile=self.compile, cuda_graphs=pick(self.cuda_graphs))
-
-    def describe(self) -> str:
-        on = [name for name in ("channels_last", "tf32", "compile", "cuda_graphs") if getattr(self, name)]
-        return "+".join([self.precision, *on])
 
 
 @contextlib.contextmanager

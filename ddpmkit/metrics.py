@@ -105,11 +105,11 @@ def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}) (Heusel et al. 2017), with scipy's sqrtm."""
+    import warnings
+
     from scipy import linalg
 
     diff = mu1 - mu2
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # singular products (few images) are handled below
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -315,3 +315,19 @@ def extract(backbone: Callable, images: torch.Tensor, batch_size: int, device: t
         if progress is not None:
             progress(min(i + batch_size, images.shape[0]))
     return torch.cat(feats), torch.cat(logits)
+
+
+class InceptionMetric:
+    """Base of metric plugins built on an InceptionV3: holds the options (an
+    :class:`InceptionOptions`), the device and the backbone, and runs it over checked images."""
+
+    def __init__(self, config: InceptionOptions, *, device=None):
+        self.config = config
+        self.device = torch.device(device or "cpu")
+        self.backbone = config.backbone(self.device)
+
+    def outputs(self, images: torch.Tensor, min_count: int, what: str,
+                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pool3 features, logits) of ``images`` after :func:`check_images` (at least ``min_count``)."""
+        images = check_images(images, min_count, what)
+        return extract(self.backbone, images, self.config.batch_size, self.device, progress)

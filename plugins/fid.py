@@ -17,7 +17,7 @@ import torch
 
 import ddpmkit
 from ddpmkit.data import default_data_root
-from ddpmkit.metrics import InceptionOptions, check_images, extract, feature_statistics, file_digest, frechet_distance
+from ddpmkit.metrics import InceptionMetric, InceptionOptions, feature_statistics, file_digest, frechet_distance
 
 
 @attrs.define(kw_only=True)
@@ -37,15 +37,9 @@ class FIDConfig(InceptionOptions):
     cache_dir: str | None = None
 
 
-class FID:
-    def __init__(self, config: FIDConfig, *, device=None):
-        self.config = config
-        self.device = torch.device(device or "cpu")
-        self.backbone = config.backbone(self.device)
-
+class FID(InceptionMetric):
     def features(self, images: torch.Tensor, progress=None) -> torch.Tensor:
-        images = check_images(images, 2, "fid images")
-        return extract(self.backbone, images, self.config.batch_size, self.device, progress)[0]
+        return self.outputs(images, 2, "fid images", progress)[0]
 
     def reference(self, resolution: int) -> tuple[np.ndarray, np.ndarray, Path]:
         c = self.config

@@ -11,7 +11,7 @@ import attrs
 import torch
 
 import ddpmkit
-from ddpmkit.metrics import InceptionOptions, check_images, extract, inception_score
+from ddpmkit.metrics import InceptionMetric, InceptionOptions, inception_score
 
 
 @attrs.define(kw_only=True)
@@ -28,15 +28,9 @@ class InceptionScoreConfig(InceptionOptions):
     shuffle_seed: int | None = None
 
 
-class InceptionScore:
-    def __init__(self, config: InceptionScoreConfig, *, device=None):
-        self.config = config
-        self.device = torch.device(device or "cpu")
-        self.backbone = config.backbone(self.device)
-
+class InceptionScore(InceptionMetric):
     def logits(self, images: torch.Tensor, progress=None) -> torch.Tensor:
-        images = check_images(images, self.config.splits, "inception-score images")
-        return extract(self.backbone, images, self.config.batch_size, self.device, progress)[1]
+        return self.outputs(images, self.config.splits, "inception-score images", progress)[1]
 
     def __call__(self, images: torch.Tensor, progress=None) -> dict[str, float]:
         logits = self.logits(images, progress)

@@ -32,6 +32,7 @@ import time
 import attrs
 import torch
 from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
+from rounds import alternate  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath, tf32_mode
@@ -65,14 +66,24 @@ def on(dev, fast: FastPath) -> FastPath:
     return fast if dev.type == "cuda" else attrs.evolve(fast, cuda_graphs=False)
 
 
-def timed(fn, dev):
-    sync(dev)
+def with_peak(fn, dev):
+    """(fn(), peak device memory in MiB during it; NaN off CUDA)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    out = fn()
+    value = fn()
+    return value, torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
+
+
+def timed(fn, dev):
+    """(seconds, peak MiB, output) of ``fn()``, the device synchronised at both ends."""
+    def run():
+        out = fn()
+        sync(dev)
+        return out
+
     sync(dev)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
+    t0 = time.perf_counter()
+    out, peak = with_peak(run, dev)
     return time.perf_counter() - t0, peak, out
 
 
@@ -114,19 +125,16 @@ def sampling(args, dev, results):
     }
     if args.compile:
         rows["ddpmkit fast+compile"] = (ours(FAST_COMPILE), ours(FAST_COMPILE, "ddim", {"steps": 5}))
-    times = {k: [] for k in rows}
-    peak, outs = {}, {}
     for name, (_, warm) in rows.items():
         t0 = time.perf_counter()
         warm()
         sync(dev)
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    for r in range(args.rounds):
-        for name, (run, _) in rows.items():
-            sec, mib, outs[name] = timed(run, dev)
-            times[name].append(sec)
-            peak[name] = mib
-        print(f"sampling round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    runs = alternate({name: run for name, (run, _) in rows.items()}, args.rounds,
+                     measure=lambda run: timed(run, dev), show=lambda v: f"{v[0]:.2f} s", label="sampling round")
+    times = {name: [v[0] for v in vs] for name, vs in runs.items()}
+    peak = {name: max(v[1] for v in vs) for name, vs in runs.items()}
+    outs = {name: vs[-1][2] for name, vs in runs.items()}
     ref = outs["ddpmkit fp32"].float().cpu()
     base = statistics.median(times["ddpmkit fp32"])
     for name in rows:
@@ -169,17 +177,10 @@ def training(args, dev, results):
             "ddpmkit fast": lambda: ddpmkit_train(config, dev, warm, steps, FAST)}
     if args.compile:
         rows["ddpmkit fast+compile"] = lambda: ddpmkit_train(config, dev, warm, steps, FAST_COMPILE)
-    per_step = {k: [] for k in rows}
-    peak = {}
-    for r in range(args.rounds):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            per_step[name].append(fn())
-            peak[name] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
-            print(f"training round {r + 1}: {name} {per_step[name][-1] * 1000:.2f} ms/step "
-                  f"({time.perf_counter() - t0:.0f} s with set-up)", flush=True)
+    runs = alternate(rows, args.rounds, measure=lambda fn: with_peak(fn, dev),
+                     show=lambda v: f"{v[0] * 1000:.2f} ms/step", label="training round")
+    per_step = {name: [v[0] for v in vs] for name, vs in runs.items()}
+    peak = {name: max(v[1] for v in vs) for name, vs in runs.items()}
     base = statistics.median(per_step["ddpmkit fp32"])
     for name in rows:
         med = statistics.median(per_step[name])

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from rounds import alternate  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.metrics import SeedInception
@@ -52,14 +52,8 @@ def main():
                 tm.update(images[i:i + args.batch_size])
             return tm.compute()[0].item()
 
-    t_ours, t_tm = [], []
-    for r in range(args.rounds):
-        for fn, times in ((run_ours, t_ours), (run_torchmetrics, t_tm)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        print(f"round {r + 1}: ddpmkit {t_ours[-1]:.1f} s, torchmetrics {t_tm[-1]:.1f} s")
-    mo, mt = statistics.median(t_ours), statistics.median(t_tm)
+    times = alternate({"ddpmkit": run_ours, "torchmetrics": run_torchmetrics}, args.rounds)
+    mo, mt = statistics.median(times["ddpmkit"]), statistics.median(times["torchmetrics"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} images 32×32 → 299×299, batch {args.batch_size}")
     print(f"median: ddpmkit {mo:.1f} s, torchmetrics {mt:.1f} s, ratio ddpmkit/torchmetrics = {mo / mt:.3f}")
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from rounds import alternate  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath
@@ -113,19 +114,22 @@ def main():
             config.max_steps, config.ema_decay = 1, None
             ddpmkit.train(config, f"{d}/run", device="cpu", progress=False, sample_grid=False)
             checkpoint = f"{d}/run"
-        results = {r: [] for r in rows}
-        for rnd in range(args.rounds):
-            for r in rows:
-                cmd = [sys.executable, __file__, checkpoint, "-n", str(args.n), "--device", args.device, "--child", r]
-                if args.checkpoint and rnd == 0:
-                    cmd.append("--score")
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    raise SystemExit(f"row {r} failed:\n{proc.stderr[-2000:]}")
-                results[r].append(json.loads(line[0][7:]))
-            print(f"round {rnd + 1}: " + ", ".join(f"{r} {v[-1]['seconds']:.1f} s" for r, v in results.items()),
-                  flush=True)
+
+        scored: set[str] = set()  # a digit checkpoint's samples are scored in the first round only
+
+        def row(name: str) -> dict:
+            cmd = [sys.executable, __file__, checkpoint, "-n", str(args.n), "--device", args.device, "--child", name]
+            if args.checkpoint and name not in scored:
+                cmd.append("--score")
+                scored.add(name)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"row {name} failed:\n{proc.stderr[-2000:]}")
+            return json.loads(line[0][7:])
+
+        results = alternate({r: (lambda r=r: row(r)) for r in rows}, args.rounds, measure=lambda fn: fn(),
+                            show=lambda v: f"{v['seconds']:.1f} s")
     first = results[rows[0]][0]
     print(f"device {first['device']} ({first['threads']} threads), torch {torch.__version__}; "
           f"{args.n} images, T = {first['T']}, median of {args.rounds} rounds")

@@ -15,6 +15,7 @@ import time
 
 import torch
 from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
+from rounds import alternate  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.training import train
@@ -42,12 +43,10 @@ def main():
     config.loss.name, config.loss.options = "smoothl1", {}
     config.ema_decay, config.warmup_steps, config.epochs = None, 0, 1000
     config.checkpoint_every = 10**9  # one checkpoint at the end, outside the timed difference
-    plain, ours = [], []
-    for r in range(args.rounds):
-        plain.append(plain_loop(config, args.steps))
-        ours.append(ddpmkit_loop(config, args.steps))
-        print(f"round {r + 1}: plain {plain[-1] * 1000:.1f} ms/step, ddpmkit {ours[-1] * 1000:.1f} ms/step")
-    mp, mo = statistics.median(plain), statistics.median(ours)
+    per_step = alternate({"plain": lambda: plain_loop(config, args.steps),
+                          "ddpmkit": lambda: ddpmkit_loop(config, args.steps)},
+                         args.rounds, measure=lambda fn: fn(), show=lambda v: f"{v * 1000:.1f} ms/step")
+    mp, mo = statistics.median(per_step["plain"]), statistics.median(per_step["ddpmkit"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, batch {config.batch_size}")
     print(f"median step: plain {mp * 1000:.1f} ms, ddpmkit {mo * 1000:.1f} ms, ratio ddpmkit/plain = {mo / mp:.3f}")
 

@@ -59,11 +59,15 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write(path, write)
 
 
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Tensors (moved to the CPU, made contiguous) and string metadata to one safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Write ``state_dict`` and ``config`` (JSON-ready) to one safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    metadata = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return write_tensors(path, state_dict, {"format": FORMAT, "config": json.dumps(config, sort_keys=True)})
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:

@@ -24,9 +24,8 @@ from typing import Any
 import attrs
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import atomic_write
+from .checkpoint import write_tensors
 from .errors import DdpmkitError
 
 FORMAT = "ddpmkit-train-state-1"
@@ -107,9 +106,7 @@ def save_train_state(ckpt_dir: Path, state: TrainState, model: torch.nn.Module, 
         "ema": json.dumps(ema_meta),
         "config": json.dumps(resolved, sort_keys=True),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path = ckpt_dir / f"step-{state.step:08d}.safetensors"
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return write_tensors(ckpt_dir / f"step-{state.step:08d}.safetensors", tensors, meta)
 
 
 def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema,

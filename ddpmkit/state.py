@@ -80,6 +80,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The saved ``rng.cuda.N`` states in device order (``rng.cuda.10`` after ``rng.cuda.9``)."""
+    keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    return [tensors[k] for k in keys]
+
+
 def save_train_state(ckpt_dir: Path, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler, ema, noise_gen: torch.Generator, resolved: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -139,7 +145,7 @@ def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         ema.load_state_dict({**ema_meta, "shadow_params": shadow})
     torch.set_rng_state(tensors["rng.torch"])
     noise_gen.set_state(tensors["rng.noise"])
-    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+    cuda_states = cuda_rng_states(tensors)
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     return TrainState(**json.loads(meta["state"]))

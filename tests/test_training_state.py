@@ -240,3 +240,11 @@ def test_checkpoint_every_n_epochs(tmp_path):
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (run / "checkpoints").glob("step-*.safetensors"))
     assert names == ["step-00000008.safetensors", "step-00000012.safetensors"]  # epoch 2, and the end (epoch 3)
+
+
+def test_cuda_rng_states_come_back_in_device_order():
+    from ddpmkit.state import cuda_rng_states
+
+    tensors = {f"rng.cuda.{i}": torch.tensor([i]) for i in range(12)}
+    tensors["rng.torch"] = torch.tensor([-1])
+    assert [int(t) for t in cuda_rng_states(tensors)] == list(range(12))  # not 0, 1, 10, 11, 2, ...

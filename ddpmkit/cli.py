@@ -323,13 +323,10 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
 
     if (checkpoint is None) == (images_dir is None):
         raise DdpmkitError("give either a CHECKPOINT or --images DIR")
-    metric_opts, sampler_opts = {}, {}
-    for item in sets:
-        key, eq, value = item.partition("=")
-        kind, dot, name = key.partition(".")
-        if not eq or not dot or kind not in ("metric", "sampler"):
-            raise DdpmkitError(f"--set expects metric.OPTION=VALUE or sampler.OPTION=VALUE, got '{item}'")
-        (metric_opts if kind == "metric" else sampler_opts)[name] = value
+    overrides = _parse_sets(sets, extra=("metric",))
+    if set(overrides) - {"metric", "sampler"}:
+        raise DdpmkitError("ddpmkit evaluate only takes --set metric.OPTION=VALUE or sampler.OPTION=VALUE")
+    metric_opts, sampler_opts = overrides.get("metric", {}), overrides.get("sampler", {})
     if steps is not None:
         sampler_opts["steps"] = steps
     dev = resolve_device(device)

@@ -288,3 +288,6 @@ def test_evaluate_cli_and_metrics_in_a_run(tmp_path, tiny_args, digit_cache):
     assert r.exit_code == 2 and "either a CHECKPOINT or --images" in r.stderr
     r = runner.invoke(cli, ["evaluate", "--images", str(folder), "--metric", "digit-score", "--set", "metric.bogus=1"])
     assert r.exit_code == 2 and "metric.bogus match none of the metrics" in r.stderr
+    r = runner.invoke(cli, ["evaluate", "--images", str(folder), "--metric", "digit-score", "--set", "schedule.x=1"])
+    assert r.exit_code == 2 and r.stderr.strip() == ("Error: ddpmkit evaluate only takes --set metric.OPTION=VALUE "
+                                                     "or sampler.OPTION=VALUE")

@@ -80,7 +80,7 @@ def train_classifier(epochs: int = 4, seed: int = 0) -> tuple[DigitCNN, float]:
 
 def load_classifier(cache_dir: str | None = None) -> DigitCNN:
     """The cached classifier, trained and saved on first use (atomically)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(cache_dir) if cache_dir else default_data_root().parent / "models"
     path = path / f"digit-cnn-v{VERSION}.safetensors"
@@ -89,8 +89,7 @@ def load_classifier(cache_dir: str | None = None) -> DigitCNN:
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     model, acc = train_classifier()
-    ddpmkit.checkpoint.atomic_write(path, lambda tmp: save_file(model.state_dict(), tmp,
-                                                                metadata={"heldout_accuracy": f"{acc:.4f}"}))
+    ddpmkit.checkpoint.write_tensors(path, model.state_dict(), {"heldout_accuracy": f"{acc:.4f}"})
     return model
 
 

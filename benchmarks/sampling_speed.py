@@ -2,9 +2,13 @@
 
 Rows (all T steps unless named otherwise, ``-n`` images in one batch):
     diffusers ddpm        DDPMPipeline, fp32
+    diffusers ddpm compile  DDPMPipeline, fp32, its UNet through torch.compile (as diffusers' docs
+                          suggest); its time includes compiling. Only with --rows.
     ddpmkit ddpm          fp32, plain eager (same numbers as diffusers to ~1e-6)
     ddpmkit ddpm cl       fp32 with channels-last weights and inputs
     ddpmkit ddpm bf16     the fast path on a CPU with bf16 instructions: bf16 autocast
+    ddpmkit ddpm compile  fp32 with torch.compile (``--compile``); its time includes compiling.
+                          Only with --rows.
     ddpmkit ddim-50       DDIM, 50 steps, η = 0, fp32
 On CUDA the fast-path rows use the CUDA defaults (see benchmarks/gpu_fast_path.py for the full
 GPU table). Each row runs in its own child process, in alternating rounds, so that machine noise
@@ -35,9 +39,12 @@ from ddpmkit.accel import FastPath
 
 ROWS = {
     "diffusers ddpm": None,
+    "diffusers ddpm compile": None,
     "ddpmkit ddpm": FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False),
     "ddpmkit ddpm cl": FastPath(precision="fp32", channels_last=True, tf32=False, cuda_graphs=False),
     "ddpmkit ddpm bf16": FastPath(precision="bf16"),
+    "ddpmkit ddpm compile": FastPath(precision="fp32", channels_last=False, tf32=False, compile=True,
+                                     cuda_graphs=False),
     "ddpmkit ddim-50": FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False),
 }
 
@@ -59,11 +66,13 @@ def child(args) -> None:
     pipe = ddpmkit.load_checkpoint(args.checkpoint, device=dev)
     T = pipe.diffusion.num_timesteps
     name = args.child
-    if name == "diffusers ddpm":
+    if name.startswith("diffusers ddpm"):
         with tempfile.TemporaryDirectory() as d:
             export_diffusers(pipe, f"{d}/pipe")
             theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
         theirs.set_progress_bar_config(disable=True)
+        if name.endswith("compile"):
+            theirs.unet = torch.compile(theirs.unet)
 
         def run():
             with torch.inference_mode():
@@ -100,13 +109,17 @@ def main():
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    p.add_argument("--rows", default=",".join(r for r in ROWS if not r.endswith("compile")),
+                   help="comma-separated rows (default: all but the two compile rows, which add minutes)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--score", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {', '.join(map(repr, unknown))}; rows: {', '.join(ROWS)}")
     with tempfile.TemporaryDirectory() as d:
         checkpoint = args.checkpoint
         if checkpoint is None:
@@ -144,7 +157,7 @@ def main():
     # Noise on a shared machine only ever adds time, so the minimum is the steadier estimate.
     if "diffusers ddpm" in med:
         for r in rows:
-            if r.startswith("ddpmkit ddpm"):
+            if r.startswith("ddpmkit ddpm") or r == "diffusers ddpm compile":
                 print(f"ratio {r} / diffusers ddpm = {med[r] / med['diffusers ddpm']:.3f} (medians), "
                       f"{best[r] / best['diffusers ddpm']:.3f} (minima)")
     if "ddpmkit ddim-50" in med and "ddpmkit ddpm" in med:

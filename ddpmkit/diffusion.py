@@ -217,6 +217,23 @@ class GaussianDiffusion:
             return mean
         return mean + self.sigma[t].item() * noise
 
+    def _p_step_in_place(self, eps: Tensor, x: Tensor, t: int, z: Tensor | None, s1: Tensor, s2: Tensor) -> None:
+        """:meth:`p_step` for ε-prediction, written into ``x`` (``z``, ``s1``, ``s2`` are overwritten).
+
+        The same operations in the same order as ``p_step``, so the same numbers bit for bit
+        (tested), with each coefficient a number from the CPU table instead of a gathered tensor:
+        no tensor is allocated and nothing waits for the device.
+        """
+        c = lambda table: table[t].item()  # noqa: E731
+        if not self.clip_sample:  # eq. (9): μ_θ = 1/√α_t · (x_t − (1 − α_t)/√(1 − ᾱ_t) · ε_θ)
+            torch.sub(x, torch.mul(eps, c(self.eps_coef), out=s1), out=x).mul_(c(self.sqrt_recip_alphas))
+        else:  # x̂_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε_θ, clipped; μ_θ = μ̃_t(x_t, x̂_0) (eq. 7)
+            x0 = torch.mul(x, c(self.sqrt_recip_alphas_cumprod), out=s1)
+            x0.sub_(torch.mul(eps, c(self.sqrt_recipm1_alphas_cumprod), out=s2)).clamp_(-self.clip_range, self.clip_range)
+            x.mul_(c(self.posterior_mean_coef2)).add_(x0.mul_(c(self.posterior_mean_coef1)))
+        if z is not None:  # x_{t−1} = μ_θ + σ_t z
+            x.add_(z.mul_(c(self.sigma)))
+
     @torch.inference_mode()
     def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...],
                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
@@ -235,14 +252,19 @@ class GaussianDiffusion:
             x_0, shape ``shape``, not clamped.
         """
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)           # line 1: x_T ~ N(0, I)
-        # Buffers made once: no noise or timestep tensor is allocated per step, and nothing in the loop
-        # waits for the device (the tables are copied to it once, σ_t is read from the CPU table).
+        # Buffers made once: outside the network nothing is allocated per step, and nothing in the loop
+        # waits for the device (σ_t and the other coefficients are read from the CPU tables as numbers).
         t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
         z_buf = torch.empty(shape, device=device, dtype=dtype)
+        in_place = self.prediction == "epsilon"
+        scratch = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if in_place else 0)]
         for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
             z = torch.randn(shape, generator=generator, out=z_buf) if t > 0 else None     # line 3
             eps = model(x, t_batch.fill_(t))
-            x = self.p_step(eps, x, t, z, t_batch)                                         # lines 4–5
+            if in_place:
+                self._p_step_in_place(eps, x, t, z, *scratch)                              # lines 4–5
+            else:
+                x = self.p_step(eps, x, t, z, t_batch)                                     # lines 4–5
             if progress is not None:
                 progress(n + 1)
         return x                                                                           # line 7

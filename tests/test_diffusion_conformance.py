@@ -123,6 +123,33 @@ def test_full_sampling_loop_matches_diffusers(variance, clip):
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variance,clip", [("fixed_small", False), ("fixed_large", False), ("fixed_small", True)])
+def test_sampling_loop_steps_in_place_with_p_steps_numbers(variance, clip):
+    """sample() does lines 4–5 in place with the coefficients as numbers (no per-step tensors);
+    its samples are those of a loop of p_step calls, bit for bit, and its model inputs are too."""
+    T = 100
+    d = GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": T}), variance_type=variance,
+                          clip_sample=clip)
+    w = torch.randn(1, generator=torch.Generator().manual_seed(3)) * 3
+    seen, clipped = [], []
+
+    def model(x, t):
+        seen.append(x.sum().item())
+        out = torch.tanh(x * w + t.float().reshape(-1, 1, 1, 1) / T)
+        clipped.append(bool(d.predict_x0(x, t, out).abs().gt(1).any()))
+        return out
+
+    got = d.sample(model, (4, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    seen_in_loop, seen[:] = list(seen), []
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((4, 1, 8, 8), generator=g)
+    for t in reversed(range(T)):
+        z = torch.randn(x.shape, generator=g) if t > 0 else None
+        x = d.p_step(model(x, torch.full((4,), t)), x, t, z)
+    assert torch.equal(got, x) and seen == seen_in_loop
+    assert sum(clipped) > T // 2  # x̂_0 leaves [-1, 1] at most steps, so clipping (when on) is exercised
+
+
 def test_eq9_equals_posterior_form_without_clipping():
     ours = GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": 300}))
     g = torch.Generator().manual_seed(0)

@@ -261,7 +261,7 @@ class GaussianDiffusion:
         for n, t in enumerate(reversed(range(self.num_timesteps))):                       # line 2: t = T..1
             z = torch.randn(shape, generator=generator, out=z_buf) if t > 0 else None     # line 3
             eps = model(x, t_batch.fill_(t))
-            if in_place:
+            if in_place and eps.dtype == x.dtype and eps.shape == x.shape:
                 self._p_step_in_place(eps, x, t, z, *scratch)                              # lines 4–5
             else:
                 x = self.p_step(eps, x, t, z, t_batch)                                     # lines 4–5

@@ -139,15 +139,21 @@ def test_sampling_loop_steps_in_place_with_p_steps_numbers(variance, clip):
         clipped.append(bool(d.predict_x0(x, t, out).abs().gt(1).any()))
         return out
 
+    def p_step_loop(net):
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn((4, 1, 8, 8), generator=g)
+        for t in reversed(range(T)):
+            z = torch.randn(x.shape, generator=g) if t > 0 else None
+            x = d.p_step(net(x, torch.full((4,), t)), x, t, z)
+        return x
+
     got = d.sample(model, (4, 1, 8, 8), generator=torch.Generator().manual_seed(2))
     seen_in_loop, seen[:] = list(seen), []
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn((4, 1, 8, 8), generator=g)
-    for t in reversed(range(T)):
-        z = torch.randn(x.shape, generator=g) if t > 0 else None
-        x = d.p_step(model(x, torch.full((4,), t)), x, t, z)
-    assert torch.equal(got, x) and seen == seen_in_loop
+    assert torch.equal(got, p_step_loop(model)) and seen == seen_in_loop
     assert sum(clipped) > T // 2  # x̂_0 leaves [-1, 1] at most steps, so clipping (when on) is exercised
+    # A network answering in another dtype (bf16 here) is stepped by p_step, in fp32, as before.
+    low = d.sample(lambda x, t: model(x, t).bfloat16(), (4, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    assert low.dtype == torch.float32 and torch.equal(low, p_step_loop(lambda x, t: model(x, t).bfloat16()))
 
 
 def test_eq9_equals_posterior_form_without_clipping():

@@ -241,7 +241,9 @@ class GaussianDiffusion:
         """Algorithm 2: draw ``shape[0]`` images from p_θ.
 
         Args:
-            model: ε_θ, called as ``model(x_t, t)`` with 0-based ``t`` of shape ``(B,)``.
+            model: ε_θ, called as ``model(x_t, t)`` with 0-based ``t`` of shape ``(B,)``. Both
+                arguments are the loop's buffers, overwritten at the next step: a model that keeps
+                them past its return must copy them.
             shape: ``(B, C, H, W)``.
             generator: the source of x_T and every z; the same generator state
                 gives the same samples.

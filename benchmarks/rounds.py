@@ -1,11 +1,38 @@
 """Alternating rounds, the measuring pattern every benchmark here uses: each round runs every row
 once, back to back, so that a noisy machine slows all rows alike; the rows' results are then
-compared by their medians (or minima)."""
+compared by their medians (or minima). Also: a row's peak resident memory on the CPU."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``); 0 where there is none."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def with_peak_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), MiB)``: how far the process's peak resident memory rose above its size before ``fn``.
+
+    The peak is reset to the current size first (Linux ``clear_refs``), so that rows run one after
+    another in one process each get their own peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = status_kib("VmRSS")
+    out = fn()
+    return out, (status_kib("VmHWM") - before) / 1024
 
 
 def seconds(fn: Callable[[], Any]) -> float:

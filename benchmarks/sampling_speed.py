@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import torch
-from rounds import alternate  # benchmarks/rounds.py
+from rounds import alternate, status_kib  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath
@@ -47,13 +47,6 @@ ROWS = {
                                      cuda_graphs=False),
     "ddpmkit ddim-50": FastPath(precision="fp32", channels_last=False, tf32=False, cuda_graphs=False),
 }
-
-
-def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def child(args) -> None:
@@ -88,14 +81,14 @@ def child(args) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _status_kib("VmRSS")
+    rss0 = status_kib("VmRSS")
     t0 = time.perf_counter()
     images = run()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else (_status_kib("VmHWM") - rss0) / 1024)
+            else (status_kib("VmHWM") - rss0) / 1024)
     out = {"seconds": seconds, "peak_mib": peak, "T": T, "device": str(dev), "threads": torch.get_num_threads()}
     if args.score:
         score = ddpmkit.build("metric", "digit-score", {}, device=dev)

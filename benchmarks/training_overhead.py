@@ -1,7 +1,8 @@
 """ddpmkit's training step vs a hand-written PyTorch loop: same UNet, batch, optimizer, loss, data.
 
 Both run in this process, interleaved in rounds, so machine noise hits both alike; prints the
-median step time of each and their ratio (goal: ddpmkit ≤ 1.03× the plain loop).
+median step time of each and their ratio (goal: ddpmkit ≤ 1.03× the plain loop), and each one's
+peak memory: the rise of the process's peak resident memory while it runs (on the CPU).
 
     python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--preset laptop]
 """
@@ -15,7 +16,7 @@ import time
 
 import torch
 from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
-from rounds import alternate  # benchmarks/rounds.py
+from rounds import alternate, with_peak_rss  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.training import train
@@ -45,10 +46,14 @@ def main():
     config.checkpoint_every = 10**9  # one checkpoint at the end, outside the timed difference
     per_step = alternate({"plain": lambda: plain_loop(config, args.steps),
                           "ddpmkit": lambda: ddpmkit_loop(config, args.steps)},
-                         args.rounds, measure=lambda fn: fn(), show=lambda v: f"{v * 1000:.1f} ms/step")
-    mp, mo = statistics.median(per_step["plain"]), statistics.median(per_step["ddpmkit"])
+                         args.rounds, measure=with_peak_rss,
+                         show=lambda v: f"{v[0] * 1000:.1f} ms/step, peak +{v[1]:.0f} MiB")
+    mp, mo = (statistics.median(v[0] for v in per_step[k]) for k in ("plain", "ddpmkit"))
+    # Round 1's rise also holds first-use costs (the dataset, lazily loaded code): medians compare.
+    pp, po = (statistics.median(v[1] for v in per_step[k]) for k in ("plain", "ddpmkit"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, batch {config.batch_size}")
     print(f"median step: plain {mp * 1000:.1f} ms, ddpmkit {mo * 1000:.1f} ms, ratio ddpmkit/plain = {mo / mp:.3f}")
+    print(f"peak memory (median rise): plain +{pp:.0f} MiB, ddpmkit +{po:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ timed is everything else in a sampling step: drawing the noise, the reverse-step
 (Algorithm 2 lines 3–5), the timestep tensors, the module call, and any host synchronisation. The
 two loops run the same T steps on the same batch shape, in alternating rounds, in one process.
 
-    python benchmarks/sampling_overhead.py [-n 64] [--timesteps 1000] [--rounds 5] [--device auto]
+    python benchmarks/sampling_overhead.py [-n 64] [--timesteps 1000] [--rounds 5] [--device auto] [--network]
+
+With ``--network`` the laptop UNet is kept (not stubbed): whole sampling steps, both libraries in
+one process, which is steadier than the child processes of sampling_speed.py.
 
 On a GPU this is where per-step allocations and host waits show; on a CPU the network is usually
 over 95% of a step (see sampling_speed.py for whole-sampling times).
@@ -30,6 +33,7 @@ def main():
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--network", action="store_true", help="keep the (randomly initialised) laptop UNet")
     args = p.parse_args()
     from diffusers import DDPMPipeline
     from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -47,9 +51,9 @@ def main():
     T = pipe.diffusion.num_timesteps
     shape = (args.n, pipe.channels, pipe.resolution, pipe.resolution)
     const = torch.randn(shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)) * 0.1
-    # The stubs: each library still calls its module (nn.Module.__call__), which returns at once.
-    pipe.model.forward = lambda x, t: const
-    theirs.unet.forward = lambda x, t, *a, **k: UNet2DOutput(sample=const)
+    if not args.network:  # The stubs: each library still calls its module (nn.Module.__call__), which returns at once.
+        pipe.model.forward = lambda x, t: const
+        theirs.unet.forward = lambda x, t, *a, **k: UNet2DOutput(sample=const)
 
     def sync():
         if dev.type == "cuda":
@@ -74,7 +78,8 @@ def main():
                         show=lambda v: f"{v * 1e6 / T:.0f} µs/step")
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"device {dev} ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.n}, "
-          f"T = {T}, network stubbed, median of {args.rounds} rounds; max |Δ| between the loops' images {diff:.1e}")
+          f"T = {T}, network {'kept' if args.network else 'stubbed'}, median of {args.rounds} rounds; "
+          f"max |Δ| between the loops' images {diff:.1e}")
     for k, v in med.items():
         print(f"  {k:<10} {v * 1e6 / T:8.1f} µs per step ({v:.2f} s for T steps)")
     print(f"ratio ddpmkit / diffusers = {med['ddpmkit'] / med['diffusers']:.3f}")

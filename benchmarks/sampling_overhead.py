@@ -22,9 +22,9 @@ import tempfile
 
 import torch
 from rounds import alternate  # benchmarks/rounds.py
+from sides import diffusers_pipelines, diffusers_sample, laptop_checkpoint  # benchmarks/sides.py
 
 import ddpmkit
-from ddpmkit.export import export_diffusers
 
 
 def main():
@@ -35,19 +35,12 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--network", action="store_true", help="keep the (randomly initialised) laptop UNet")
     args = p.parse_args()
-    from diffusers import DDPMPipeline
     from diffusers.models.unets.unet_2d import UNet2DOutput
 
     dev = ddpmkit.resolve_device(args.device)
-    config = ddpmkit.preset_config("laptop")
-    config.schedule.options = {**config.schedule.options, "timesteps": args.timesteps}
     with tempfile.TemporaryDirectory() as d:
-        config.max_steps, config.ema_decay = 1, None
-        ddpmkit.train(config, f"{d}/run", device="cpu", progress=False, sample_grid=False)
-        pipe = ddpmkit.load_checkpoint(f"{d}/run", device=dev)
-        export_diffusers(pipe, f"{d}/pipe")
-        theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
-    theirs.set_progress_bar_config(disable=True)
+        pipe = ddpmkit.load_checkpoint(laptop_checkpoint(f"{d}/run", args.timesteps), device=dev)
+    theirs, = diffusers_pipelines(pipe, dev)
     T = pipe.diffusion.num_timesteps
     shape = (args.n, pipe.channels, pipe.resolution, pipe.resolution)
     const = torch.randn(shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)) * 0.1
@@ -65,14 +58,12 @@ def main():
         return out
 
     def diffusers_loop():
-        with torch.inference_mode():
-            out = theirs(batch_size=args.n, generator=torch.Generator(device=dev).manual_seed(0),
-                         num_inference_steps=T, output_type="pt").images
+        out = diffusers_sample(theirs, args.n, dev, T)
         sync()
         return out
 
     # Same noise, same arithmetic: the two loops must give the same images.
-    a, b = ddpmkit_loop(), diffusers_loop().cpu() * 2 - 1
+    a, b = ddpmkit_loop(), diffusers_loop().cpu()
     diff = (a - b).abs().max().item()
     results = alternate({"diffusers": diffusers_loop, "ddpmkit": ddpmkit_loop}, args.rounds,
                         show=lambda v: f"{v * 1e6 / T:.0f} µs/step")

@@ -32,7 +32,8 @@ import tempfile
 import time
 
 import torch
-from rounds import alternate, status_kib  # benchmarks/rounds.py
+from rounds import alternate, with_peak  # benchmarks/rounds.py
+from sides import diffusers_pipelines, diffusers_sample, laptop_checkpoint  # benchmarks/sides.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath
@@ -51,44 +52,33 @@ ROWS = {
 
 def child(args) -> None:
     """Run one row once; print its time, peak memory and (with a digit checkpoint) digit score as JSON."""
-    from diffusers import DDPMPipeline
-
-    from ddpmkit.export import export_diffusers
-
     dev = ddpmkit.resolve_device(args.device)
     pipe = ddpmkit.load_checkpoint(args.checkpoint, device=dev)
     T = pipe.diffusion.num_timesteps
     name = args.child
     if name.startswith("diffusers ddpm"):
-        with tempfile.TemporaryDirectory() as d:
-            export_diffusers(pipe, f"{d}/pipe")
-            theirs = DDPMPipeline.from_pretrained(f"{d}/pipe").to(dev)
-        theirs.set_progress_bar_config(disable=True)
+        theirs, = diffusers_pipelines(pipe, dev)
         if name.endswith("compile"):
             theirs.unet = torch.compile(theirs.unet)
 
         def run():
-            with torch.inference_mode():
-                images = theirs(batch_size=args.n, generator=torch.Generator(device=dev).manual_seed(0),
-                                num_inference_steps=T, output_type="pt").images
-            return images * 2 - 1
+            return diffusers_sample(theirs, args.n, dev, T)
     else:
         sampler, opts = ("ddim", {"steps": 50}) if "ddim" in name else (None, None)
 
         def run():
             return pipe.sample(args.n, seed=0, batch_size=args.n, sampler=sampler, sampler_options=opts,
                                fast=ROWS[name])
+    def timed():
+        t0 = time.perf_counter()
+        images = run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return images, time.perf_counter() - t0
+
     if dev.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = status_kib("VmRSS")
-    t0 = time.perf_counter()
-    images = run()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else (status_kib("VmHWM") - rss0) / 1024)
+    (images, seconds), peak = with_peak(timed, dev)
     out = {"seconds": seconds, "peak_mib": peak, "T": T, "device": str(dev), "threads": torch.get_num_threads()}
     if args.score:
         score = ddpmkit.build("metric", "digit-score", {}, device=dev)
@@ -116,10 +106,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            config = ddpmkit.preset_config("laptop")
-            config.max_steps, config.ema_decay = 1, None
-            ddpmkit.train(config, f"{d}/run", device="cpu", progress=False, sample_grid=False)
-            checkpoint = f"{d}/run"
+            checkpoint = laptop_checkpoint(f"{d}/run")
 
         scored: set[str] = set()  # a digit checkpoint's samples are scored in the first round only
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this script
-from rounds import alternate, with_peak_rss  # benchmarks/rounds.py
+from rounds import alternate, with_peak  # benchmarks/rounds.py
 
 import ddpmkit
 from ddpmkit.training import train
@@ -46,7 +46,7 @@ def main():
     config.checkpoint_every = 10**9  # one checkpoint at the end, outside the timed difference
     per_step = alternate({"plain": lambda: plain_loop(config, args.steps),
                           "ddpmkit": lambda: ddpmkit_loop(config, args.steps)},
-                         args.rounds, measure=with_peak_rss,
+                         args.rounds, measure=with_peak,
                          show=lambda v: f"{v[0] * 1000:.1f} ms/step, peak +{v[1]:.0f} MiB")
     mp, mo = (statistics.median(v[0] for v in per_step[k]) for k in ("plain", "ddpmkit"))
     # Round 1's rise also holds first-use costs (the dataset, lazily loaded code): medians compare.

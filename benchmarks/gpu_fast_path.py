@@ -37,7 +37,8 @@ from sides import diffusers_pipelines, diffusers_sample  # benchmarks/sides.py
 
 import ddpmkit
 from ddpmkit.accel import FastPath, tf32_mode
-from ddpmkit.pipeline import Pipeline, make_diffusion, make_predictor
+from ddpmkit.assembly import DataShape, build_diffusion, build_predictor
+from ddpmkit.pipeline import Pipeline
 
 FP32 = FastPath(precision="fp32", channels_last=False, tf32=False, compile=False, cuda_graphs=False)
 FP32_GRAPHS = FastPath(precision="fp32", channels_last=False, tf32=False, compile=False, cuda_graphs=True)
@@ -82,8 +83,8 @@ def timed(fn, dev):
 def sampling(args, dev, results):
     config = table1_config()
     torch.manual_seed(0)
-    diffusion, _ = make_diffusion(config)
-    model, _ = make_predictor(config, 1, 32)
+    diffusion, _ = build_diffusion(config)
+    model, _ = build_predictor(config, DataShape(1, 32))
     pipe = Pipeline(model.to(dev).eval(), diffusion, 1, 32, config, dev)
     T = diffusion.num_timesteps
     theirs, theirs_bf16 = diffusers_pipelines(pipe, dev, copies=2)

@@ -1,10 +1,16 @@
-"""Checkpoints: weights in safetensors, the resolved configuration as JSON. Never pickle.
+"""Checkpoint files: weights in safetensors, the resolved configuration as JSON. Never pickle.
 
-A checkpoint is one ``.safetensors`` file whose metadata holds the resolved run
-configuration (``ddpmkit.config``), so it is self-contained; the run directory
-also keeps that configuration as ``config.json`` for people to read. Every file
-is written to a temporary name, flushed to disk, then renamed, so a crash never
-leaves a half-written file under the final name.
+Two kinds of file, both self-contained (the resolved run configuration is in the metadata):
+
+* the **model file**, ``RUN/model.safetensors`` (format ``ddpmkit-checkpoint-1``): the weights
+  sampling uses (EMA weights when EMA is on);
+* the **training-state file**, ``RUN/checkpoints/step-NNNNNNNN.safetensors`` (format
+  ``ddpmkit-train-state-1``, see ``ddpmkit.state``): model, EMA, optimizer, RNG states and the
+  position in the data, to resume a run.
+
+Every command that reads weights accepts either (a training-state file samples with its EMA
+weights when it has them). Every file is written to a temporary name, flushed to disk, then
+renamed, so a crash never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import DdpmkitError
 
-FORMAT = "ddpmkit-checkpoint-1"
+MODEL_FORMAT = "ddpmkit-checkpoint-1"
+STATE_FORMAT = "ddpmkit-train-state-1"
+FORMAT = MODEL_FORMAT
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -53,7 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     def write(tmp):
         with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
+            json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
             fh.write("\n")
 
     return atomic_write(path, write)
@@ -65,24 +74,36 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write ``state_dict`` and ``config`` (JSON-ready) to one safetensors file, atomically."""
-    return write_tensors(path, state_dict, {"format": FORMAT, "config": json.dumps(config, sort_keys=True)})
+def save_model_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write a model file: ``state_dict`` and ``config`` (JSON-ready) in one safetensors file, atomically."""
+    return write_tensors(path, state_dict, {"format": MODEL_FORMAT, "config": json.dumps(config, sort_keys=True,
+                                                                                           allow_nan=False)})
 
 
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint file or a run directory (→ its ``model.safetensors``)."""
+def find_weights_file(path: str | os.PathLike) -> Path:
+    """A model or training-state file as given, or a run directory's ``model.safetensors``."""
     p = Path(path)
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.exists():
-        raise DdpmkitError(f"no checkpoint at '{path}': give a .safetensors file written by ddpmkit or a run directory")
+        raise DdpmkitError(f"no checkpoint at '{path}': give a run directory, its model.safetensors or one of its "
+                           "checkpoints/step-*.safetensors")
     return p
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read weights and configuration; unreadable, truncated or foreign files → DdpmkitError."""
-    p = resolve_checkpoint_path(path)
+@attrs.frozen
+class WeightsFile:
+    """What :func:`read_weights_file` found: the tensors, the resolved configuration and the kind."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    kind: str  # "model" or "training-state"
+
+
+def read_weights_file(path: str | os.PathLike) -> WeightsFile:
+    """Read a model file or a training-state file; unreadable, truncated or foreign files → DdpmkitError."""
+    p = find_weights_file(path)
     try:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}
@@ -90,10 +111,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DdpmkitError(f"cannot read checkpoint '{p}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
                            "(truncated or not a safetensors file?)") from None
-    if metadata.get("format") != FORMAT or "config" not in metadata:
-        raise DdpmkitError(f"'{p}' is a safetensors file but not a ddpmkit checkpoint (no ddpmkit config in its metadata)")
+    kind = {MODEL_FORMAT: "model", STATE_FORMAT: "training-state"}.get(metadata.get("format"))
+    if kind is None or "config" not in metadata:
+        raise DdpmkitError(f"'{p}' is a safetensors file but not a ddpmkit checkpoint (its metadata has no ddpmkit "
+                           "format and configuration)")
     try:
         config = json.loads(metadata["config"])
     except json.JSONDecodeError:
         raise DdpmkitError(f"checkpoint '{p}' has a corrupt configuration") from None
-    return tensors, config
+    return WeightsFile(p, tensors, config, kind)

@@ -1,4 +1,4 @@
-"""The ``ddpmkit`` command line: run, sample, plugins."""
+"""The ``ddpmkit`` command line: run, sample, evaluate, export, plugins."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import DdpmkitError
+from .kinds import KIND_BY_NAME, KINDS, SECTIONS
 
-SECTIONS = ("schedule", "predictor", "loss", "dataset", "sampler")
 err_console = Console(stderr=True)
 
 
@@ -85,71 +85,93 @@ def cli(ctx, debug):
         warnings.showwarning = _one_line_warnings
 
 
-RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
-                     "keep_checkpoints", "checkpoint_every", "checkpoint_epochs", "metrics", "metric_options", "eval_every", "eval_samples",
-                     "channels_last", "compile", "cuda_graphs"}
-
-
-def _resumed_config(run_dir: Path, names: dict, overrides: dict, changes: dict):
-    """The saved configuration of ``run_dir``; flags that contradict it → one line listing them."""
-    import attrs
-
-    from .config import RunConfig, build_config
-    from .plugins import get_component
-
-    cfg_path = run_dir / "config.json"
-    if not (run_dir / "checkpoints").is_dir() or not cfg_path.exists():
-        raise DdpmkitError(f"--resume: no checkpoint in '{run_dir}' (expected {run_dir / 'checkpoints'} and "
-                           f"{cfg_path}); start a new run with --out instead")
-    saved_all = json.loads(cfg_path.read_text())
-    saved = RunConfig.from_dict(saved_all["run"])
-    diffs = []
-    for section, name in names.items():
-        if name != getattr(saved, section).name:
-            diffs.append(f"{section} {name} (run has {getattr(saved, section).name})")
-    for section, opts in overrides.items():
-        comp = get_component(section, getattr(saved, section).name)
-        given = build_config(comp, opts)
-        saved_opts = saved_all["components"][section]["options"]
-        for key in opts:
-            g, o = getattr(given, key), saved_opts.get(key)
-            if (list(g) if isinstance(g, tuple) else g) != o:
-                diffs.append(f"{section}.{key} {g} (run has {o})")
-    for key, value in changes.items():
-        if key not in RESUME_MAY_CHANGE and value != getattr(saved, key):
-            diffs.append(f"{key.replace('_', '-')} {value} (run has {getattr(saved, key)})")
-    if diffs:
-        raise DdpmkitError("--resume: these flags differ from the run's configuration: " + "; ".join(diffs)
-                           + ". Drop them to continue the run, or start a new one with --out")
-    try:
-        return attrs.evolve(saved, **{k: v for k, v in changes.items() if k in RESUME_MAY_CHANGE})
-    except (ValueError, TypeError) as exc:
-        raise DdpmkitError(f"invalid option: {exc}") from None
-
-
-def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
+def _parse_sets(sets: tuple[str, ...], allowed: tuple[str, ...] = KINDS, command: str = "run") -> dict[str, dict[str, str]]:
+    """``--set KIND.OPTION=VALUE`` items as ``{kind: {option: value}}``; ``allowed``: the kinds this
+    command takes options for."""
     out: dict[str, dict[str, str]] = {}
-    kinds = SECTIONS + extra
     for item in sets:
         key, eq, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not eq or not dot or not name:
             raise DdpmkitError(f"--set expects KIND.OPTION=VALUE (e.g. schedule.beta_end=0.02), got '{item}'")
-        if section not in kinds:
-            raise DdpmkitError(f"--set '{item}': unknown kind '{section}'; kinds are: {', '.join(kinds)}")
+        if section not in KINDS:
+            raise DdpmkitError(f"--set '{item}': unknown kind '{section}'; kinds are: {', '.join(KINDS)}")
+        if section not in allowed:
+            raise DdpmkitError(f"ddpmkit {command} only takes --set "
+                               + " or ".join(f"{k}.OPTION=VALUE" for k in allowed))
         out.setdefault(section, {})[name] = value
     return out
+
+
+# Flags of `ddpmkit run` that set a RunConfig field of the same name (None: not given).
+RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
+              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "grad_accum", "grad_clip",
+              "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
+              "eval_samples", "class_conditional")
+
+
+def _run_request(opts: dict) -> tuple[dict, dict, dict]:
+    """Component names, component options and RunConfig changes asked for by `ddpmkit run`'s flags."""
+    overrides = _parse_sets(opts["sets"])
+    lists = {"metric": ("metrics", "metric_options"), "logger": ("loggers", "logger_options")}
+    changes = {k: opts[k] for k in RUN_FIELDS if opts[k] is not None}
+    changes.update(opts["fast"])
+    for kind, (names_field, options_field) in lists.items():
+        if opts[f"{kind}_names"]:
+            changes[names_field] = tuple(opts[f"{kind}_names"])
+        if overrides.get(kind):
+            changes[options_field] = overrides.pop(kind)
+    if changes.get("ema_decay") == 0:
+        changes["ema_decay"] = None
+    names = {k: opts[k] for k in SECTIONS if opts[k] is not None}
+    if opts["steps"] is not None:
+        overrides.setdefault("sampler", {})["steps"] = str(opts["steps"])
+    return names, overrides, changes
+
+
+def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: dict, data_root: str | None):
+    """A preset with names, options and changes applied, every name and option checked."""
+    import attrs
+
+    from . import plugins as plugin_mod
+    from .config import config_fields, preset_config
+
+    config = preset_config(preset)
+    for section in SECTIONS:
+        spec = getattr(config, section)
+        if names.get(section, spec.name) != spec.name:
+            spec.name, spec.options = names[section], {}
+        if section == "dataset" and config.preset in ("mnist", "aircraft") \
+                and spec.name not in plugin_mod.available(section):
+            raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{spec.name}', which is not "
+                               f"installed; run `ddpmkit run` for the offline default (mnist-5k)")
+        comp = plugin_mod.get_component(section, spec.name)
+        spec.options.update(overrides.get(section, {}))
+        if section == "dataset" and data_root is not None:  # --data-root: for datasets that have the option
+            if comp.config_class is None or "data_root" not in config_fields(comp.config_class):
+                warnings.warn(f"dataset '{spec.name}' has no data_root option; --data-root is ignored (its options: "
+                              f"--set dataset.OPTION=VALUE)", stacklevel=2)
+            else:
+                spec.options["data_root"] = data_root
+        comp.build_config(spec.options)  # a bad option fails here, before anything is written
+    try:
+        return attrs.evolve(config, **changes)
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"invalid option: {exc}") from None
 
 
 @cli.command()
 @click.option("--preset", default=None, help="Start from a preset: laptop (default), mnist, aircraft (the seed's Table 1).")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Where the dataset lives or is downloaded to (default ~/.cache/ddpmkit/datasets).")
+              help="Where the dataset lives or is downloaded to (datasets with a data_root option; "
+                   "default ~/.cache/ddpmkit/datasets).")
 @click.option("--schedule", default=None, help="Noise schedule by name (see `ddpmkit plugins`).")
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
 @click.option("--dataset", default=None, help="Dataset by name.")
 @click.option("--sampler", default=None, help="Sampler for the final grid (ddpm: Algorithm 2, ddim).")
+@click.option("--timestep-sampler", "timestep_sampler", default=None,
+              help="How training draws t (default uniform, Algorithm 1).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (ddim: any number up to T).")
 @click.option("--prediction", type=click.Choice(["epsilon", "x0", "v"]), default=None,
               help="What the network predicts: the noise ε (default), x_0, or v.")
@@ -163,9 +185,12 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
 @click.option("--lr", type=float, default=None, help="Adam learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed: same seed, same machine → same weights and samples.")
 @click.option("--samples", "num_samples", type=int, default=None, help="Images in the final grid.")
-@click.option("--variance", "variance_type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
-              help="σ_t² of Algorithm 2: β̃_t (fixed_small) or β_t (fixed_large).")
+@click.option("--variance", "variance_type", type=click.Choice(["fixed_small", "fixed_large", "learned_range"]),
+              default=None, help="σ_t² of Algorithm 2: β̃_t (fixed_small), β_t (fixed_large), or learned by the "
+                                 "predictor (learned_range).")
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
+@click.option("--class-conditional/--unconditional", "class_conditional", default=None,
+              help="Give the predictor the dataset's class labels (class_labels=).")
 @click.option("--workers", "num_workers", type=int, default=None,
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
@@ -181,6 +206,8 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
               help="Metric to compute after training (repeatable), e.g. digit-score; options via --set metric.X=Y.")
 @click.option("--eval-every", type=int, default=None, help="Also compute the metrics every N epochs.")
 @click.option("--eval-samples", type=int, default=None, help="Images sampled for the metrics (default 1000).")
+@click.option("--logger", "logger_names", multiple=True,
+              help="Where results go (repeatable; default jsonl and tensorboard); options via --set logger.X=Y.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its newest checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -188,70 +215,26 @@ def _parse_sets(sets: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str,
               help="Run directory (default runs/<date-time>).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @fast_options
-def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, prediction, min_snr_gamma, sets, epochs,
-        max_steps, batch_size, lr, seed, num_samples, variance_type, clip_sample, num_workers, ema_decay,
-        warmup_steps, grad_accum, grad_clip, fast, checkpoint_every, checkpoint_epochs, keep_checkpoints, log_every, grid_every,
-        metric_names, eval_every, eval_samples, resume_dir, device, out_dir, no_progress):
+def run(**opts):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
-    import attrs
+    from .training import resumed_config, train
 
-    from . import plugins as plugin_mod
-    from .config import preset_config
-    from .training import train
-
-    overrides = _parse_sets(sets, extra=("metric",))
-    metric_options = overrides.pop("metric", {})
-    names = {k: v for k, v in (("schedule", schedule), ("predictor", predictor), ("loss", loss),
-                                ("dataset", dataset), ("sampler", sampler)) if v is not None}
-    if data_root is not None:
-        overrides.setdefault("dataset", {})["data_root"] = data_root
-    if steps is not None:
-        overrides.setdefault("sampler", {})["steps"] = str(steps)
-    changes = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                                       num_samples=num_samples, variance_type=variance_type, clip_sample=clip_sample,
-                                       num_workers=num_workers, prediction=prediction, min_snr_gamma=min_snr_gamma,
-                                       ema_decay=ema_decay, warmup_steps=warmup_steps, grad_accum=grad_accum,
-                                       grad_clip=grad_clip, checkpoint_every=checkpoint_every,
-                                       checkpoint_epochs=checkpoint_epochs,
-                                       keep_checkpoints=keep_checkpoints, log_every=log_every,
-                                       grid_every=grid_every, eval_every=eval_every,
-                                       eval_samples=eval_samples).items() if v is not None}
-    changes.update(fast)
-    if metric_names:
-        changes["metrics"] = tuple(metric_names)
-    if metric_options:
-        changes["metric_options"] = metric_options
+    names, overrides, changes = _run_request(opts)
+    resume_dir, progress = opts["resume_dir"], not opts["no_progress"]
     if resume_dir is not None:
-        if preset is not None or out_dir is not None:
+        if opts["preset"] is not None or opts["out_dir"] is not None:
             raise DdpmkitError("--resume continues a run as it was configured; drop --preset/--out")
-        config = _resumed_config(Path(resume_dir), names, overrides, changes)
+        if opts["data_root"] is not None:
+            overrides.setdefault("dataset", {})["data_root"] = opts["data_root"]
+        config = resumed_config(resume_dir, names, overrides, changes)
         t0 = time.perf_counter()
-        train(config, resume_dir, device=device, progress=not no_progress, console=err_console, resume=True)
+        train(config, resume_dir, device=opts["device"], progress=progress, console=err_console, resume=True)
         click.echo(f"Resumed and finished in {time.perf_counter() - t0:.0f} s. Run directory: {resume_dir}")
         return
-    config = preset_config(preset)
-    for section in SECTIONS:
-        spec = getattr(config, section)
-        name = names.get(section)
-        if name is not None and name != spec.name:
-            spec.name, spec.options = name, {}
-        spec.options.update(overrides.get(section, {}))
-    # Resolve names now so that a typo fails before anything is written.
-    for section in SECTIONS:
-        name = getattr(config, section).name
-        if name not in plugin_mod.available(section) and config.preset in ("mnist", "aircraft") and section == "dataset":
-            raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{name}', which is not installed; "
-                               f"run `ddpmkit run` for the offline default (mnist-5k)")
-        plugin_mod.get_component(section, name)
-    if changes.get("ema_decay") == 0:
-        changes["ema_decay"] = None
-    try:
-        config = attrs.evolve(config, **changes)
-    except (ValueError, TypeError) as exc:
-        raise DdpmkitError(f"invalid option: {exc}") from None
-    run_dir = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    config = _new_run_config(opts["preset"], names, overrides, changes, opts["data_root"])
+    run_dir = Path(opts["out_dir"]) if opts["out_dir"] else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    train(config, run_dir, device=device, progress=not no_progress, console=err_console)
+    train(config, run_dir, device=opts["device"], progress=progress, console=err_console)
     click.echo(f"Trained in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
     click.echo(f"  checkpoint: {run_dir / 'model.safetensors'}")
     click.echo(f"  samples:    {run_dir / 'samples.png'}")
@@ -267,22 +250,22 @@ def run(preset, data_root, schedule, predictor, loss, dataset, sampler, steps, p
 @click.option("--sampler", default=None, help="Sampler by name (default: the run's, ddpm).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (ddim: up to T).")
 @click.option("--set", "sets", multiple=True, metavar="sampler.OPTION=VALUE", help="Sampler option, e.g. sampler.eta=0.5.")
+@click.option("--label", type=int, default=None,
+              help="Class of every image (class-conditional models; default: every class in turn).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @fast_options
-def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, no_progress, fast):
-    """Draw images from a CHECKPOINT (a .safetensors file or a run directory) with Algorithm 2."""
+def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, label, device, no_progress, fast):
+    """Draw images from a CHECKPOINT (a run directory, its model.safetensors or a checkpoints/step-*
+    training-state file) with Algorithm 2."""
     from .pipeline import load_checkpoint, save_grid
-    from .training import sample_with_progress
+    from .progress import sample_with_progress
 
     if n < 1:
         raise DdpmkitError(f"-n must be >= 1, got {n}")
     if batch_size < 1:
         raise DdpmkitError(f"--batch-size must be >= 1, got {batch_size}")
-    overrides = _parse_sets(sets)
-    if set(overrides) - {"sampler"}:
-        raise DdpmkitError("ddpmkit sample only takes --set sampler.OPTION=VALUE")
-    options = overrides.get("sampler", {})
+    options = _parse_sets(sets, ("sampler",), "sample").get("sampler", {})
     if steps is not None:
         options["steps"] = steps
     pipe = load_checkpoint(checkpoint, device=device)
@@ -292,7 +275,8 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
                                f"use --sampler ddim --steps {options['steps']}")
         options.pop("steps")
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
-                                  sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast))
+                                  sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
+                                  class_labels=label)
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
 
@@ -316,21 +300,21 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, device, n
 def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, device,
              no_progress, fast):
     """Score samples from a CHECKPOINT (sampling -n images first) or a folder (--images DIR)."""
+    from .assembly import build_many
     from .checkpoint import write_json
-    from .evaluation import build_metrics, evaluate_images, load_image_folder
+    from .evaluation import MetricContext, evaluate_images, load_image_folder
     from .pipeline import load_checkpoint, resolve_device
-    from .training import make_progress, sample_with_progress
+    from .progress import make_progress, sample_with_progress
 
     if (checkpoint is None) == (images_dir is None):
         raise DdpmkitError("give either a CHECKPOINT or --images DIR")
-    overrides = _parse_sets(sets, extra=("metric",))
-    if set(overrides) - {"metric", "sampler"}:
-        raise DdpmkitError("ddpmkit evaluate only takes --set metric.OPTION=VALUE or sampler.OPTION=VALUE")
+    overrides = _parse_sets(sets, ("metric", "sampler"), "evaluate")
     metric_opts, sampler_opts = overrides.get("metric", {}), overrides.get("sampler", {})
     if steps is not None:
         sampler_opts["steps"] = steps
     dev = resolve_device(device)
-    metrics = build_metrics(metric_names, metric_opts, dev)
+    metrics = build_many("metric", metric_names, metric_opts, device=dev)
+    pipe = None
     if images_dir is not None:
         images = load_image_folder(images_dir)
         source = {"images": str(images_dir), "count": images.shape[0]}
@@ -344,7 +328,7 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
     with make_progress(err_console, not no_progress) as bar:
-        results = evaluate_images(images, metrics, bar=bar)
+        results = evaluate_images(images, metrics, bar=bar, context=MetricContext(pipeline=pipe, seed=seed))
     for key, value in results.items():
         click.echo(f"{key}: {value:.6g}")
     if json_out:
@@ -376,28 +360,37 @@ def export_cmd(run_dir, out, fmt, device):
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_cmd(as_json):
-    """List installed plugins, their versions and the components they register."""
-    from .plugins import KINDS, get_manager
+    """List installed plugins (distribution, version, status) and every component with its description."""
+    from .plugins import get_manager
 
     mgr = get_manager()
     registry = mgr.registry
     rows = []
     for name, info in sorted(mgr.plugins.items()):
         comps = {k: sorted(n for kind, n in info.components if kind == k) for k in KINDS}
+        failed = "; ".join(filter(None, [info.error, *info.problems])) or None
         rows.append({"name": name, "module": info.module, "version": info.version, "source": info.source,
-                     "error": info.error, "components": {k: v for k, v in comps.items() if v}})
+                     "distribution": info.dist, "error": failed, "components": {k: v for k, v in comps.items() if v}})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="ddpmkit plugins")
-    for col in ("plugin", "version", "components", "status"):
+    for col in ("plugin", "distribution", "version", "status"):
         table.add_column(col)
     for r in rows:
-        comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items())
-        table.add_row(r["name"], r["version"] or "-", comps or "-", f"[red]failed: {r['error']}" if r["error"] else "ok")
-    Console().print(table)
+        table.add_row(r["name"], r["distribution"] or r["source"], r["version"] or "-",
+                      f"[red]failed: {r['error']}" if r["error"] else "ok")
+    console = Console()
+    console.print(table)
+    comps = Table(title="components")
+    for col in ("kind", "name", "plugin", "description"):
+        comps.add_column(col)
     for kind in KINDS:
-        click.echo(f"{kind + ('es' if kind.endswith('s') else 's')}: {', '.join(sorted(registry[kind])) or '(none)'}")
+        for cname, comp in sorted(registry[kind].items()):
+            comps.add_row(kind, cname, comp.plugin, comp.description)
+    console.print(comps)
+    for kind in KINDS:
+        click.echo(f"{KIND_BY_NAME[kind].plural}: {', '.join(sorted(registry[kind])) or '(none)'}")
 
 
 def main():

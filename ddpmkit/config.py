@@ -7,7 +7,9 @@ with the field's declared type before the class's validators run.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -15,8 +17,8 @@ from typing import Any
 import attrs
 
 from .errors import DdpmkitError
-
-SECTIONS = ("schedule", "predictor", "loss", "dataset", "sampler")
+from .diffusion import VARIANCE_TYPES
+from .kinds import SECTIONS
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -60,6 +62,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def config_fields(cls) -> dict[str, Any]:
+    """``{option name: declared type}`` of an attrs class or a dataclass (init fields only)."""
+    if attrs.has(cls):
+        attrs.resolve_types(cls)
+        return {f.name: f.type for f in attrs.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
+
+
+def config_defaults_missing(cls) -> list[str]:
+    """Options of ``cls`` that have no default (a config must build from no options)."""
+    if attrs.has(cls):
+        return [f.name for f in attrs.fields(cls) if f.init and f.default is attrs.NOTHING]
+    return [f.name for f in dataclasses.fields(cls)
+            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
 def build_config(component, options: dict[str, Any]):
     """Instantiate ``component.config_class`` from ``options``; bad keys/values → DdpmkitError."""
     cls = component.config_class
@@ -68,15 +87,14 @@ def build_config(component, options: dict[str, Any]):
         if options:
             raise DdpmkitError(f"{label} takes no options, got: {', '.join(sorted(options))}")
         return None
-    attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    fields = config_fields(cls)
     kwargs = {}
     for key, value in options.items():
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise DdpmkitError(f"unknown option '{key}' for {label}{hint} options: {', '.join(sorted(fields)) or '(none)'}")
-        kwargs[key] = _coerce(value, fields[key].type, f"{component.kind}.{key}")
+        kwargs[key] = _coerce(value, fields[key], f"{component.kind}.{key}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -84,9 +102,11 @@ def build_config(component, options: dict[str, Any]):
 
 
 def config_to_dict(config) -> dict[str, Any]:
-    """An attrs config as JSON-ready data (tuples become lists)."""
+    """An attrs or dataclass config as JSON-ready data (tuples become lists)."""
     if config is None:
         return {}
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
     return attrs.asdict(config, recurse=True)
 
 
@@ -99,8 +119,13 @@ def _positive(inst, attribute, value):
 
 
 def _positive_float(inst, attribute, value):
-    if not value > 0:
+    if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _decay(inst, attribute, value):
+    if value is not None and not 0 < value < 1:  # also refuses nan
+        raise ValueError(f"{attribute.name} must lie in (0, 1) (or 0/None for no EMA), got {value}")
 
 
 @attrs.define
@@ -124,6 +149,8 @@ class RunConfig:
     loss: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("smoothl1"))
     dataset: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("mnist-5k"))
     sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("ddpm"))
+    timestep_sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("uniform"))
+    class_conditional: bool = False  # feed the dataset's labels to the predictor (class_labels=)
     prediction: str = attrs.field(default="epsilon", validator=attrs.validators.in_(("epsilon", "x0", "v")))
     min_snr_gamma: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     epochs: int = attrs.field(default=1, validator=_positive)
@@ -131,9 +158,9 @@ class RunConfig:
     batch_size: int = attrs.field(default=32, validator=_positive)
     lr: float = attrs.field(default=2e-4, validator=_positive_float)
     warmup_steps: int = attrs.field(default=0)
-    ema_decay: float | None = attrs.field(default=None)
+    ema_decay: float | None = attrs.field(default=None, validator=_decay)
     seed: int = 0
-    variance_type: str = attrs.field(default="fixed_small", validator=attrs.validators.in_(("fixed_small", "fixed_large")))
+    variance_type: str = attrs.field(default="fixed_small", validator=attrs.validators.in_(VARIANCE_TYPES))
     clip_sample: bool = False
     num_samples: int = attrs.field(default=64, validator=_positive)
     num_workers: int | None = None  # None: 0 for in-memory datasets, else up to 4 worker processes
@@ -154,6 +181,8 @@ class RunConfig:
     metric_options: dict[str, Any] = attrs.field(factory=dict)
     eval_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # epochs; 0: only at the end
     eval_samples: int = attrs.field(default=1000, validator=_positive)
+    loggers: tuple[str, ...] = attrs.field(default=("jsonl", "tensorboard"), converter=tuple)
+    logger_options: dict[str, Any] = attrs.field(factory=dict)
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,13 +11,54 @@ and cast to the sample's dtype only when used.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
+import attrs
 import torch
 from torch import Tensor
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 PREDICTIONS = ("epsilon", "x0", "v")
+
+
+class ModelOutput(NamedTuple):
+    """The network's output read by the diffusion process.
+
+    prediction: ε, x₀ or v (per ``GaussianDiffusion.prediction``), shaped like x_t.
+    variance: with ``variance_type="learned_range"``, the improved-DDPM interpolation v ∈ [-1, 1]
+        between log β̃_t and log β_t, shaped like x_t; else ``None``.
+    """
+
+    prediction: Tensor
+    variance: Tensor | None = None
+
+
+@attrs.frozen
+class LossContext:
+    """What a loss that asks for ``context`` receives (improved-diffusion's ``training_losses`` inputs).
+
+    x0, xt, noise: ``(B, C, H, W)``; t: 0-based timesteps ``(B,)``; output: the full
+    :class:`ModelOutput`; target: what the prediction is compared with; weights: the timestep
+    sampler's per-sample weights ``(B,)`` or ``None`` (applied by the core, not the loss);
+    diffusion: the :class:`GaussianDiffusion` (tables, ``q_posterior``, ``p_log_variance``).
+    """
+
+    x0: Tensor
+    xt: Tensor
+    t: Tensor
+    noise: Tensor
+    output: ModelOutput
+    target: Tensor
+    weights: Tensor | None
+    diffusion: Any
+
+
+class LossTerms(NamedTuple):
+    """One draw of the training objective: the scalar to minimise and, when asked, per-sample losses."""
+
+    loss: Tensor
+    per_sample: Tensor | None
+    t: Tensor
 
 
 def _gather(table: Tensor, i: Tensor, x: Tensor, _cache: dict = {}) -> Tensor:  # noqa: B006 (a deliberate cache)
@@ -89,10 +130,14 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = self.alphas.sqrt() * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # σ_t of Algorithm 2, line 5 (σ² = β̃_t or β_t). β̃ for the first step is
         # 0; it is never used because z = 0 there (clamped like diffusers).
-        if variance_type == "fixed_small":
-            self.sigma = self.posterior_variance.clamp(min=1e-20).sqrt()
-        else:
+        if variance_type == "fixed_large":
             self.sigma = self.betas.sqrt()
+        else:  # fixed_small; learned_range samples with its own per-pixel σ (p_log_variance)
+            self.sigma = self.posterior_variance.clamp(min=1e-20).sqrt()
+        # log β̃_t with its first entry (0) replaced by β̃_2, as improved DDPM clips it; log β_t
+        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]).log() \
+            if T > 1 else self.betas.log()
+        self.log_betas = self.betas.log()
         assert self.sigma.shape == (T,)
         # signal-to-noise ratio SNR(t) = ᾱ_t / (1 − ᾱ_t), for min-SNR loss weighting
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
@@ -128,45 +173,70 @@ class GaussianDiffusion:
             return x0
         return _gather(self.sqrt_alphas_cumprod, t, x0) * eps - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
-    def training_loss(self, model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
+    def training_loss(self, model: Callable[..., Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
                       generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                      global_batch: int | None = None, offset: int = 0) -> Tensor:
-        """One draw of the objective of Algorithm 1 (eq. 10–11 with any loss):
+                      global_batch: int | None = None, offset: int = 0, **kwargs) -> Tensor:
+        """One draw of the objective of Algorithm 1 (eq. 10–11 with any loss), as a scalar:
 
         t ~ Uniform({1..T}), ε ~ N(0, I),
         loss(ε, ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)).
 
         (The seed's Algorithm 1 writes α_t; the paper's ᾱ_t is right.) With another
         prediction target the loss compares the network's output with that target.
+        Arguments as :meth:`training_losses`.
+        """
+        return self.training_losses(model, x0, loss_fn, generator, min_snr_gamma, global_batch, offset, **kwargs).loss
+
+    def training_losses(self, model: Callable[..., Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
+                        generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                        global_batch: int | None = None, offset: int = 0, timestep_sampler: Any = None,
+                        conditions: dict[str, Tensor] | None = None, per_sample: bool = False,
+                        loss_context: bool = False) -> LossTerms:
+        """Algorithm 1's objective, with the extensions the plugin contract allows.
 
         Args:
-            model: the network, ``model(x_t, t)``.
+            model: the network, ``model(x_t, t, **conditions)``.
             x0: a batch of clean images ``(B, C, H, W)``.
-            loss_fn: ``loss_fn(prediction, target)``; with ``min_snr_gamma`` it is called with
-                ``reduction="none"`` and must return per-element losses.
+            loss_fn: ``loss_fn(prediction, target)``; called with ``reduction="none"`` (per-element or
+                per-sample losses, first axis B) when per-sample losses are needed.
             generator: source of t and ε.
             min_snr_gamma: weight each sample by min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)
                 for x_0, min(SNR(t), γ)/(SNR(t) + 1) for v (Hang et al. 2023). Default off.
             global_batch, offset: for data-parallel training, t and ε are drawn for the whole
                 global batch (same generator on every process) and rows ``offset:offset + B``
                 are used, so N processes draw exactly what one process would. Default: ``B``, 0.
+            timestep_sampler: draws ``(t, weights)`` (``sample(batch, device, generator)``);
+                default uniform t with no weights, Algorithm 1 line 3.
+            conditions: keyword inputs of the network, e.g. ``{"class_labels": y}``.
+            per_sample: also return the per-sample losses ``(B,)`` (detached), e.g. for a timestep
+                sampler that learns from them.
+            loss_context: pass ``context=LossContext(...)`` to ``loss_fn``.
         """
         b = x0.shape[0]
         g = global_batch or b
-        t = torch.randint(0, self.num_timesteps, (g,), device=x0.device, generator=generator)   # line 3
+        if timestep_sampler is None:                                                             # line 3
+            t, weights = torch.randint(0, self.num_timesteps, (g,), device=x0.device, generator=generator), None
+        else:
+            t, weights = timestep_sampler.sample(g, x0.device, generator)
         eps = torch.randn((g, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=generator)  # line 4
         if g != b:
             t, eps = t[offset: offset + b], eps[offset: offset + b]
+            weights = None if weights is None else weights[offset: offset + b]
         xt = self.q_sample(x0, t, eps)                                                           # eq. (10)
-        output, target = model(xt, t), self.target(x0, eps, t)
-        if not min_snr_gamma:
-            return loss_fn(output, target)                                                       # line 5
-        per_element = loss_fn(output, target, reduction="none")
-        per_sample = per_element.reshape(b, -1).mean(dim=1)
-        snr = self.snr.to(x0.device)[t]
-        clipped = snr.clamp(max=min_snr_gamma)
-        weight = {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
-        return (weight.to(per_sample.dtype) * per_sample).mean()
+        output = self.split_model_output(model(xt, t, **(conditions or {})))
+        target = self.target(x0, eps, t)
+        kw = {"context": LossContext(x0, xt, t, eps, output, target, weights, self)} if loss_context else {}
+        if not (min_snr_gamma or per_sample or weights is not None):
+            return LossTerms(loss_fn(output.prediction, target, **kw), None, t)                 # line 5
+        per_element = loss_fn(output.prediction, target, reduction="none", **kw)
+        losses = per_element.reshape(b, -1).mean(dim=1)
+        if min_snr_gamma:
+            snr = self.snr.to(x0.device)[t]
+            clipped = snr.clamp(max=min_snr_gamma)
+            weight = {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+            losses = weight.to(losses.dtype) * losses
+        weighted = losses if weights is None else weights.to(losses.dtype) * losses
+        return LossTerms(weighted.mean(), losses.detach() if per_sample else None, t)
 
     # ------------------------------------------------------------------------
     # Reverse process: eq. (9) and Algorithm 2
@@ -175,8 +245,26 @@ class GaussianDiffusion:
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ) / √ᾱ_t = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε_θ."""
         return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
+    def split_model_output(self, output: Tensor) -> ModelOutput:
+        """The network's raw output as a :class:`ModelOutput`: with ``learned_range`` the first C
+        channels are the prediction and the last C the variance interpolation v; else all prediction."""
+        if self.variance_type != "learned_range":
+            return ModelOutput(output)
+        prediction, variance = output.chunk(2, dim=1)
+        return ModelOutput(prediction, variance)
+
+    def p_log_variance(self, v: Tensor, t: Tensor, xt: Tensor) -> Tensor:
+        """log σ²_θ(x_t, t) of a learned variance (improved DDPM, Nichol & Dhariwal 2021, eq. 15):
+
+        log σ² = f · log β_t + (1 − f) · log β̃_t,  f = (v + 1)/2, with β̃_1 replaced by β̃_2.
+        """
+        frac = (v + 1) / 2
+        return frac * _gather(self.log_betas, t, xt) + (1 - frac) * _gather(self.posterior_log_variance_clipped, t, xt)
+
     def split_output(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The network's output as (ε̂, x̂_0), whatever it predicts; x̂_0 is clipped when clipping is on."""
+        """The network's output as (ε̂, x̂_0), whatever it predicts; x̂_0 is clipped when clipping is on.
+        A learned variance in the output is set aside (see :meth:`split_model_output`)."""
+        output = self.split_model_output(output).prediction
         a, s = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
         if self.prediction == "epsilon":
             eps, x0 = output, self.predict_x0(xt, t, output)
@@ -204,7 +292,8 @@ class GaussianDiffusion:
         """One reverse step, Algorithm 2 lines 3–5: x_{t−1} = μ_θ(x_t, t) + σ_t z.
 
         Args:
-            eps: the network's output at (x_t, t) (ε_θ for ε-prediction), shape like ``xt``.
+            eps: the network's output at (x_t, t) (ε_θ for ε-prediction), shape like ``xt`` (twice the
+                channels with a learned variance).
             xt: current sample, ``(B, C, H, W)``.
             t: the 0-based step (the same for the whole batch).
             noise: z ~ N(0, I) shaped like ``xt``; ignored (z = 0) when ``t == 0``.
@@ -212,9 +301,12 @@ class GaussianDiffusion:
                 caller has it already. Default: made here.
         """
         ti = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device) if t_batch is None else t_batch
-        mean = self.p_mean(eps, xt, ti)
+        out = self.split_model_output(eps)
+        mean = self.p_mean(out.prediction, xt, ti)
         if t == 0 or noise is None:   # line 3: z = 0 at the last step
             return mean
+        if out.variance is not None:  # σ_t from the network (improved DDPM)
+            return mean + (0.5 * self.p_log_variance(out.variance, ti, xt)).exp() * noise
         return mean + self.sigma[t].item() * noise
 
     def _p_step_in_place(self, eps: Tensor, x: Tensor, t: int, z: Tensor | None, s1: Tensor, s2: Tensor) -> None:

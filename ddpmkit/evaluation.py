@@ -1,52 +1,80 @@
-"""Evaluating samples with metric plugins: from a checkpoint (sampling first) or a folder of images."""
+"""Evaluating samples with metric plugins: from a checkpoint (sampling first) or a folder of images.
+
+(Metrics are built with ``ddpmkit.assembly.build_many("metric", names, options, device=...)``.)"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from .contract import check_metric_result
 from .errors import DdpmkitError
 from .plugins import get_component
 
 
-def build_metrics(names: list[str] | tuple[str, ...], options: dict[str, Any], device) -> dict[str, Any]:
-    """Metric plugins by name; each gets the options its config class knows (unknown ones → error)."""
-    metrics, used = {}, set()
-    for name in names:
-        comp = get_component("metric", name)
-        fields = {f.name for f in attrs.fields(comp.config_class)} if comp.config_class else set()
-        mine = {k: v for k, v in options.items() if k in fields}
-        used |= set(mine)
-        metrics[name] = comp.build(mine, device=device)
-    unused = sorted(set(options) - used)
-    if unused:
-        raise DdpmkitError(f"option(s) {', '.join('metric.' + u for u in unused)} match none of the metrics "
-                           f"{', '.join(names)}")
-    return metrics
+@attrs.frozen
+class MetricContext:
+    """What a metric that asks for ``context`` receives.
+
+    pipeline: the trained :class:`~ddpmkit.pipeline.Pipeline` (model, diffusion, ``sample``), or
+        ``None`` when only images are evaluated (``ddpmkit evaluate --images``).
+    dataset: the run's training dataset (items ``(image, label)`` in [-1, 1]), or ``None``.
+    seed: the run's seed, for metrics that draw their own samples.
+    """
+
+    pipeline: Any = None
+    dataset: Any = None
+    seed: int = 0
 
 
-def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None) -> dict[str, float]:
-    """Run every metric on ``images`` (N, C, H, W) in [-1, 1] in inference mode; one flat dict.
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None,
+                    context: MetricContext | None = None) -> dict[str, float]:
+    """Run every metric on ``images`` (N, C, H, W) in [-1, 1] in inference mode; one flat dict of floats.
 
     ``bar``: a rich Progress; metrics whose ``__call__`` takes ``progress`` report images done.
+    ``context``: passed to metrics whose ``__call__`` takes ``context``. Each metric's answer is
+    checked (a dict of finite floats) before it is used.
     """
-    import inspect
-
     out: dict[str, float] = {}
     for name, metric in metrics.items():
         kwargs = {}
         if bar is not None:
             task = bar.add_task(name, total=images.shape[0], info=f"{images.shape[0]} images")
-            if "progress" in inspect.signature(metric.__call__).parameters:
+            if _takes(metric.__call__, "progress"):
                 kwargs["progress"] = lambda k, _t=task: bar.update(_t, completed=k)
+        if _takes(metric.__call__, "context"):
+            kwargs["context"] = context or MetricContext()
         with torch.inference_mode():
-            out.update(metric(images, **kwargs))
+            result = metric(images, **kwargs)
+        out.update(check_metric_result(get_component("metric", name), result))
         if bar is not None:
             bar.update(task, completed=images.shape[0])
     return out
+
+
+PROBE_IMAGES = 20
+
+
+def probe_metrics(metrics: dict[str, Any], context: MetricContext) -> None:
+    """Call each metric once on :data:`PROBE_IMAGES` random images of the run's shape (with the
+    run's untrained pipeline as context), so a metric that answers wrongly stops the run before
+    training rather than after it."""
+    pipe = context.pipeline
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(PROBE_IMAGES, pipe.channels, pipe.resolution, pipe.resolution, generator=g) * 2 - 1
+    with torch.random.fork_rng(devices=[]):
+        evaluate_images(images, metrics, context=context)
 
 
 def load_image_folder(path: str | Path) -> torch.Tensor:

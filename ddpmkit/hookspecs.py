@@ -1,4 +1,4 @@
-"""The plugin interface of ddpmkit: one hook per kind of component.
+"""The plugin interface of ddpmkit: one hook per kind of component (the kinds: ``ddpmkit.kinds``).
 
 A plugin is any module (or object) with functions marked ``@ddpmkit.hookimpl``
 whose names are among the hooks below. Each hook receives a ``register``
@@ -15,10 +15,13 @@ callback; call it once per component the plugin provides::
         register("my-schedule", make_betas, MyScheduleConfig, "what it is")
 
 ``register(name, factory, config_class=None, description="")``: ``factory`` is
-called with an instance of ``config_class`` (an attrs class whose defaults and
-validators define the component's options) plus the keyword context documented
-for each kind below. Installed packages make their plugin known through the
-setuptools entry-point group ``ddpmkit``.
+called with an instance of ``config_class`` (an attrs class or a dataclass whose
+defaults and validators define the component's options) plus the keyword context
+documented for each kind below; a factory receives only the context keywords it
+names (or all of them with ``**context``), so a context that grows never breaks it.
+Installed packages make their plugin known through the setuptools entry-point
+group ``ddpmkit``. Every component is probed once when a run starts
+(``ddpmkit.contract``): a wrong shape, dtype or range stops the run in one line.
 """
 
 from __future__ import annotations
@@ -42,10 +45,19 @@ def register_schedules(register):
 def register_predictors(register):
     """Register noise predictors ε_θ.
 
-    ``factory(config, *, channels: int, resolution: int) -> torch.nn.Module``
-    whose ``forward(x_t, t)`` takes ``x_t`` of shape ``(B, channels, resolution,
-    resolution)`` and integer timesteps ``t`` of shape ``(B,)`` (0-based: index
-    ``t`` is the paper's step ``t + 1``) and returns a tensor shaped like ``x_t``.
+    ``factory(config, *, channels: int, resolution: int, num_classes: int | None) -> torch.nn.Module``
+    whose ``forward(x_t, t)`` takes ``x_t`` of shape ``(B, channels, resolution, resolution)`` and
+    integer timesteps ``t`` of shape ``(B,)`` (0-based: index ``t`` is the paper's step ``t + 1``)
+    and returns a tensor in ``x_t``'s dtype. Optional attributes of the module:
+
+    * ``conditions``: keyword inputs ``forward`` accepts, e.g. ``("class_labels",)``; a class-
+      conditional run calls ``forward(x_t, t, class_labels=y)`` with ``y`` long ``(B,)``.
+      ``num_classes`` is the dataset's class count (``None`` when it has none). Default ``()``.
+    * ``outputs``: what the output holds along the channel axis. ``("prediction",)`` (default):
+      ``C`` channels, the prediction (ε, x₀ or v). ``("prediction", "variance")``: ``2C``
+      channels, the prediction then the improved-DDPM variance interpolation v ∈ [-1, 1]
+      (log σ² = (v+1)/2 · log β_t + (1−v)/2 · log β̃_t); the run then uses ``variance_type``
+      ``learned_range``.
     """
 
 
@@ -55,7 +67,10 @@ def register_losses(register):
 
     ``factory(config) -> callable(prediction, target, reduction="mean") -> tensor``: a scalar
     for ``reduction="mean"``; per-element losses for ``reduction="none"`` (needed by min-SNR
-    weighting; a loss without it still trains without weighting).
+    weighting and by timestep samplers that weight or learn from per-sample losses). A loss whose
+    callable has a keyword parameter ``context`` also receives a
+    :class:`~ddpmkit.diffusion.LossContext`: x₀, x_t, t, ε, the full model output (prediction and
+    learned variance) and the diffusion process, as a variational-bound term needs.
     """
 
 
@@ -63,17 +78,23 @@ def register_losses(register):
 def register_datasets(register):
     """Register datasets.
 
-    ``factory(config) -> torch.utils.data.Dataset`` whose items are float
-    tensors ``(C, H, W)`` scaled to [-1, 1] (or ``(image, label)`` pairs).
+    ``factory(config) -> torch.utils.data.Dataset`` whose items are float32 tensors ``(C, H, W)``
+    (square, C in {1, 3}) scaled to [-1, 1], or ``(image, label)`` pairs with an integer label.
+    Optional attributes: ``channels``, ``resolution``, and ``classes`` (class names) or
+    ``num_classes``, which class-conditional runs need. A dataset that reads files from a folder
+    opts into ``--data-root`` by having a ``data_root`` option.
     """
 
 
 @hookspec
 def register_metrics(register):
-    """Register sample-quality metrics.
+    """Register metrics.
 
     ``factory(config, *, device) -> callable(images) -> dict[str, float]`` where
-    ``images`` is a float tensor ``(N, C, H, W)`` in [-1, 1].
+    ``images`` is a float tensor ``(N, C, H, W)`` in [-1, 1]. The callable may take a
+    ``progress`` keyword (``progress(done_images)``) and a ``context`` keyword, which receives a
+    :class:`~ddpmkit.evaluation.MetricContext` with the trained pipeline and the run's dataset
+    (``None`` where there is none, as for ``ddpmkit evaluate --images``).
     """
 
 
@@ -85,4 +106,29 @@ def register_samplers(register):
     :class:`~ddpmkit.diffusion.GaussianDiffusion` and ``sampler`` has ``num_steps`` (int) and
     ``sample(model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32)``
     returning x_0 of ``shape``; ``progress(k)`` is called after the k-th network evaluation.
+    """
+
+
+@hookspec
+def register_timestep_samplers(register):
+    """Register timestep samplers: how Algorithm 1 draws t.
+
+    ``factory(config, *, num_timesteps) -> sampler`` with ``sample(batch, device, generator)``
+    returning ``(t, weights)``: ``t`` long ``(batch,)`` in ``[0, T)`` and per-sample loss weights
+    ``(batch,)`` or ``None``. Optional: ``update(t, losses)`` receives each step's per-sample
+    losses (detached), and ``state_dict()`` / ``load_state_dict(d)`` (JSON-able) make a resumed
+    run continue exactly.
+    """
+
+
+@hookspec
+def register_loggers(register):
+    """Register loggers: where training results go.
+
+    ``factory(config, *, run_dir, run_config, resume_step) -> logger | None`` with
+    ``log(record)`` (a dict with ``step`` and float values: ``loss``, ``lr``, ... per logged
+    step; ``mean_loss`` per epoch; ``eval`` results), ``flush()`` (called before each checkpoint)
+    and ``close()``. ``run_config`` is the resolved configuration (JSON-able); ``resume_step`` is
+    the checkpoint's step when a run resumes (forget records after it), else ``None``. Return
+    ``None`` when the logger cannot run here (a missing optional package).
     """

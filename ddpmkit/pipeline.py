@@ -14,13 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
 from .accel import FastPath, accelerated, is_eager
-from .checkpoint import atomic_write, read_checkpoint
-from .config import RunConfig, config_to_dict
+from .assembly import DataShape, build_diffusion, build_predictor, build_sampler
+from .checkpoint import atomic_write, read_weights_file
+from .config import RunConfig
 from .diffusion import GaussianDiffusion
 from .errors import DdpmkitError
-from .plugins import get_component
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -36,53 +35,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def make_diffusion(config: RunConfig) -> tuple[GaussianDiffusion, Any]:
-    """Build the schedule plugin's betas and the diffusion process around them."""
-    comp = get_component("schedule", config.schedule.name)
-    sched_cfg = comp.make_config(config.schedule.options)
-    betas = comp.create(sched_cfg)
-    betas = torch.as_tensor(betas, dtype=torch.float64)
-    if betas.ndim != 1 or betas.numel() < 1:
-        raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) returned betas of shape {tuple(betas.shape)}; expected (T,) with T >= 1")
-    if not bool(torch.isfinite(betas).all() & ((betas > 0) & (betas < 1)).all()):
-        raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) returned betas outside (0, 1)")
-    alpha_bar = torch.cumprod(1 - betas, 0)
-    if betas.numel() > 1 and not bool((alpha_bar[1:] < alpha_bar[:-1]).all()):
-        raise DdpmkitError(f"schedule '{comp.name}' (plugin {comp.plugin}) gives an ᾱ_t that is not decreasing")
-    diffusion = GaussianDiffusion(betas, variance_type=config.variance_type, clip_sample=config.clip_sample,
-                                  prediction=config.prediction)
-    return diffusion, sched_cfg
-
-
-def make_sampler(name: str, options: dict[str, Any] | None, diffusion: GaussianDiffusion):
-    """Build a sampler plugin for ``diffusion``."""
-    comp = get_component("sampler", name)
-    cfg = comp.make_config(options or {})
-    sampler = comp.create(cfg, diffusion=diffusion)
-    return sampler, cfg
-
-
-def make_predictor(config: RunConfig, channels: int, resolution: int) -> tuple[torch.nn.Module, Any]:
-    comp = get_component("predictor", config.predictor.name)
-    cfg = comp.make_config(config.predictor.options)
-    model = comp.create(cfg, channels=channels, resolution=resolution)
-    if not isinstance(model, torch.nn.Module):
-        raise DdpmkitError(f"predictor '{comp.name}' (plugin {comp.plugin}) did not return a torch.nn.Module")
-    return model, cfg
-
-
-def resolved_config(config: RunConfig, channels: int, resolution: int, configs: dict[str, Any]) -> dict[str, Any]:
-    """The JSON written next to every checkpoint: names, plugins, versions, every option."""
-    components = {}
-    for kind in ("schedule", "predictor", "loss", "dataset", "sampler"):
-        spec = getattr(config, kind)
-        comp = get_component(kind, spec.name)
-        components[kind] = {"name": spec.name, "plugin": comp.plugin, "version": comp.version,
-                            "options": config_to_dict(configs.get(kind))}
-    return {"ddpmkit_version": __version__, "run": config.to_dict(), "components": components,
-            "data": {"channels": channels, "resolution": resolution}}
-
-
 class Pipeline:
     """A predictor ε_θ with its diffusion process; :meth:`sample` runs Algorithm 2.
 
@@ -90,19 +42,34 @@ class Pipeline:
         model: the predictor (``torch.nn.Module``), in eval mode for sampling.
         diffusion: the :class:`~ddpmkit.diffusion.GaussianDiffusion`.
         channels, resolution: image shape the model works on.
+        num_classes: classes of a class-conditional model (``None``: unconditional).
         config: the :class:`~ddpmkit.config.RunConfig` it was built from.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, channels: int, resolution: int,
-                 config: RunConfig, device: torch.device, resolved: dict[str, Any] | None = None):
+                 config: RunConfig, device: torch.device, resolved: dict[str, Any] | None = None,
+                 num_classes: int | None = None):
         self.model, self.diffusion = model, diffusion
-        self.channels, self.resolution = channels, resolution
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
         self.config, self.device, self.resolved = config, device, resolved or {}
+
+    def class_labels(self, n: int, labels: torch.Tensor | int | None = None) -> torch.Tensor | None:
+        """The labels of ``n`` images for a class-conditional model: ``labels`` (one int, or ``(n,)``),
+        default 0, 1, ..., K−1, 0, 1, ... so a grid shows every class; ``None`` when unconditional."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise DdpmkitError("this model is not class-conditional; it takes no class labels")
+            return None
+        y = torch.arange(n) % self.num_classes if labels is None else torch.as_tensor(labels).long().expand(n).clone()
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise DdpmkitError(f"class labels must lie in 0..{self.num_classes - 1}, got {y.tolist()[:8]}")
+        return y
 
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256,
                progress: Callable[[int, int], None] | None = None, sampler: str | None = None,
-               sampler_options: dict[str, Any] | None = None, fast: FastPath | None = None) -> torch.Tensor:
+               sampler_options: dict[str, Any] | None = None, fast: FastPath | None = None,
+               class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """``n`` images in [-1, 1], shape ``(n, C, H, W)``, on CPU.
 
         Args:
@@ -115,6 +82,8 @@ class Pipeline:
             fast: how the network runs (:class:`~ddpmkit.accel.FastPath`); default the run's
                 settings, which mean bf16 autocast, channels-last, TF32 and CUDA graphs on CUDA and
                 plain fp32 on the CPU.
+            class_labels: for a class-conditional model, one class or one per image; default every
+                class in turn (see :meth:`class_labels`).
         """
         if n < 1:
             raise DdpmkitError(f"number of samples must be >= 1, got {n}")
@@ -123,7 +92,8 @@ class Pipeline:
             opts.update(sampler_options or {})
         else:
             opts = dict(sampler_options or {})
-        sampler_obj, _ = make_sampler(sampler, opts, self.diffusion)
+        labels = self.class_labels(n, class_labels)
+        sampler_obj, _ = build_sampler(sampler, opts, self.diffusion)
         fast = FastPath.from_run(self.config) if fast is None else fast
         was_training = self.model.training
         self.model.eval()
@@ -138,7 +108,8 @@ class Pipeline:
                     model = stack.enter_context(accelerated(self.model, fast, self.device))
                 for b_i, b in enumerate(batches):
                     cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
-                    x = sampler_obj.sample(model, (b, self.channels, self.resolution, self.resolution),
+                    net = model if labels is None else _conditioned(model, labels[b_i * batch_size:][:b].to(self.device))
+                    x = sampler_obj.sample(net, (b, self.channels, self.resolution, self.resolution),
                                            generator=gen, device=self.device, progress=cb)
                     out.append(x.float().clamp(-1, 1).cpu())
         finally:
@@ -146,24 +117,42 @@ class Pipeline:
         return torch.cat(out)
 
 
+def _conditioned(model, class_labels: torch.Tensor):
+    """The network as samplers call it, ``net(x_t, t)``, with the batch's class labels added."""
+    return lambda x, t: model(x, t, class_labels=class_labels)
+
+
+def _weights(file, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a file holds for ``model``: a model file's tensors; a training-state file's EMA
+    weights (``ema.N`` in parameter order, buffers from ``model.*``) or, without EMA, its ``model.*``."""
+    tensors = file.tensors
+    if file.kind == "model":
+        return tensors
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if "ema.0" in tensors:
+        for i, (name, _) in enumerate(model.named_parameters()):
+            if f"ema.{i}" in tensors:
+                weights[name] = tensors[f"ema.{i}"]
+    return weights
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> Pipeline:
-    """Rebuild a :class:`Pipeline` from a checkpoint file (or a run directory)."""
-    tensors, resolved = read_checkpoint(path)
+    """Rebuild a :class:`Pipeline` from a run directory, its model file (``model.safetensors``) or
+    one of its training-state files (``checkpoints/step-*.safetensors``, sampled with EMA weights)."""
+    file = read_weights_file(path)
     try:
-        config = RunConfig.from_dict(resolved["run"])
-        channels, resolution = resolved["data"]["channels"], resolved["data"]["resolution"]
+        config = RunConfig.from_dict(file.config["run"])
+        shape = DataShape(**file.config["data"])
     except (KeyError, TypeError, ValueError) as exc:
         raise DdpmkitError(f"checkpoint '{path}' has an incomplete configuration ({exc})") from None
     dev = resolve_device(device)
-    diffusion, _ = make_diffusion(config)
-    model, _ = make_predictor(config, channels, resolution)
-    missing, unexpected, wrong = [], [], []
+    diffusion, _ = build_diffusion(config)
+    model, _ = build_predictor(config, shape)
+    tensors = _weights(file, model)
     own = model.state_dict()
-    for k, v in own.items():
-        if k not in tensors:
-            missing.append(k)
-        elif tuple(tensors[k].shape) != tuple(v.shape):
-            wrong.append(f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}")
+    missing = [k for k in own if k not in tensors]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected or wrong:
         detail = wrong[:1] or missing[:1] or unexpected[:1]
@@ -173,7 +162,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
         )
     model.load_state_dict(tensors)
     model.to(dev).eval()
-    return Pipeline(model, diffusion, channels, resolution, config, dev, resolved)
+    return Pipeline(model, diffusion, shape.channels, shape.resolution, config, dev, file.config,
+                    num_classes=shape.num_classes)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,

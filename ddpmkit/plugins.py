@@ -8,8 +8,10 @@ restricts which entry-point plugins load; set it to an empty string to load none
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.metadata
+import inspect
 import os
 import warnings
 from typing import Any, Callable
@@ -19,22 +21,26 @@ import pluggy
 
 from . import hookspecs
 from .errors import DdpmkitError, PluginError
+from .kinds import KIND_BY_HOOK, KIND_TABLE, KINDS
 
-KINDS = ("schedule", "predictor", "loss", "dataset", "metric", "sampler")
-_HOOK_OF_KIND = {
-    "schedule": "register_schedules",
-    "predictor": "register_predictors",
-    "loss": "register_losses",
-    "dataset": "register_datasets",
-    "metric": "register_metrics",
-    "sampler": "register_samplers",
-}
 ENV_VAR = "DDPMKIT_PLUGINS"
+BUILTIN_DIST = "ddpmkit"
+
+
+def accepted_context(factory: Callable[..., Any], context: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``context`` that ``factory`` takes: the keywords it names, or all with ``**kw``."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return context
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return context
+    return {k: v for k, v in context.items() if k in params}
 
 
 @attrs.frozen
 class Component:
-    """One registered component: what ``register(...)`` was called with."""
+    """One registered component: what ``register(...)`` was called with, and who registered it."""
 
     kind: str
     name: str
@@ -43,20 +49,26 @@ class Component:
     description: str
     plugin: str
     version: str | None
+    dist: str | None = None
 
-    def make_config(self, options: dict[str, Any] | None = None):
-        """Build this component's attrs config from ``options`` (validated)."""
+    def build_config(self, options: dict[str, Any] | None = None):
+        """This component's config (attrs class or dataclass) from ``options``, validated."""
         from .config import build_config
 
         return build_config(self, options or {})
 
-    def create(self, config, **context):
-        """``factory(config, **context)``; a component without a config class gets no config."""
-        return self.factory(config, **context) if config is not None else self.factory(**context)
+    def build(self, options: dict[str, Any] | None = None, *, config: Any = None, **context):
+        """``factory(config, **context)``: ``config`` as given, else built from ``options``. The factory
+        gets the context keywords it names; a component without a config class gets no config."""
+        if config is None:
+            config = self.build_config(options)
+        context = accepted_context(self.factory, context)
+        return self.factory(config, **context) if self.config_class is not None else self.factory(**context)
 
-    def build(self, options: dict[str, Any] | None = None, **context):
-        """``factory(config, **context)`` with ``config`` made from ``options``."""
-        return self.create(self.make_config(options), **context)
+    def label(self) -> str:
+        """``kind 'name' (plugin P, distribution D)``: how messages name this component."""
+        where = f"plugin '{self.plugin}'" + (f", distribution '{self.dist}'" if self.dist else ", registered in-process")
+        return f"{self.kind} '{self.name}' ({where})"
 
 
 @attrs.define
@@ -65,13 +77,34 @@ class PluginInfo:
     version: str | None
     module: str
     source: str  # "entry point" or "in-process"
-    error: str | None = None
+    error: str | None = None  # the plugin as a whole failed (import error, unknown hook)
     dist: str | None = None
     components: list[tuple[str, str]] = attrs.field(factory=list)
+    problems: list[str] = attrs.field(factory=list)  # components of it that were dropped, and why
+
+    def uninstall_hint(self) -> str:
+        return f"pip uninstall {self.dist}" if self.dist else f"unregister the in-process plugin '{self.name}'"
+
+
+def _config_kind(cls) -> str | None:
+    """'attrs', 'dataclass' or None (not a config class ddpmkit can read)."""
+    if cls is None:
+        return "none"
+    if attrs.has(cls):
+        return "attrs"
+    if dataclasses.is_dataclass(cls) and isinstance(cls, type):
+        return "dataclass"
+    return None
 
 
 class PluginManager:
-    """Holds the pluggy manager, the loaded plugins and the component registry."""
+    """Holds the pluggy manager, the loaded plugins and the component registry.
+
+    A faulty plugin never takes the others down: an import error, an unknown hook, a hook that
+    raises, a config class ddpmkit cannot read or a name another plugin already uses drops that
+    plugin (or that component) with one warning naming the pip distribution; ``ddpmkit plugins``
+    lists it as failed.
+    """
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager("ddpmkit")
@@ -100,12 +133,19 @@ class PluginManager:
                 module = ep.load()
                 self._register(module, info)
             except Exception as exc:  # a broken plugin must not take the others down
-                info.error = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"ddpmkit plugin '{ep.name}' failed to load: {info.error}", stacklevel=2)
+                info.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                warnings.warn(f"ddpmkit plugin '{ep.name}' failed to load: {info.error}"
+                              f"{self._from(info)}", stacklevel=2)
             self.plugins[ep.name] = info
 
+    @staticmethod
+    def _from(info: PluginInfo | None) -> str:
+        if info is None or not info.dist:
+            return ""
+        return f" (distribution '{info.dist}'; {info.uninstall_hint()} to remove it)"
+
     def _register(self, plugin: object, info: PluginInfo) -> None:
-        known = set(_HOOK_OF_KIND.values())
+        known = set(KIND_BY_HOOK)
         for attr in dir(plugin):
             fn = getattr(plugin, attr, None)
             if callable(fn) and hasattr(fn, "ddpmkit_impl") and attr not in known:
@@ -143,34 +183,58 @@ class PluginManager:
             self._registry = self._collect()
         return self._registry
 
+    def _drop(self, info: PluginInfo | None, owner: str, message: str) -> None:
+        if info is not None:
+            info.problems.append(message)
+        warnings.warn(f"ddpmkit plugin '{owner}': {message}; dropped{self._from(info)}", stacklevel=3)
+
+    def _candidates(self) -> list[Component]:
+        """Every registration, in plugin load order, with the malformed ones dropped."""
+        order = {name: i for i, name in enumerate(self.plugins)}
+        found: list[tuple[int, Component]] = []
+        for kind in KIND_TABLE:
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
+                info = self.plugins.get(impl.plugin_name)
+                owner = info.name if info else impl.plugin_name
+                mine: list[Component] = []
+
+                def register(name, factory, config_class=None, description="", *, _k=kind.name, _i=info, _o=owner,
+                             _mine=mine):
+                    if not isinstance(name, str) or not name:
+                        return self._drop(_i, _o, f"registered a {_k} with an invalid name {name!r}")
+                    if _config_kind(config_class) is None:
+                        return self._drop(_i, _o, f"config class {getattr(config_class, '__name__', config_class)!r} "
+                                                  f"of {_k} '{name}' is neither an attrs class nor a dataclass "
+                                                  "(decorate it with @attrs.define or @dataclasses.dataclass)")
+                    _mine.append(Component(_k, name, factory, config_class, description or "", _o,
+                                           _i.version if _i else None, _i.dist if _i else None))
+
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    self._drop(info, owner, f"{kind.hook} raised {type(exc).__name__}: {exc}".splitlines()[0])
+                    continue
+                found += [(order.get(owner, len(order)), c) for c in mine]
+        found.sort(key=lambda pair: pair[0])  # stable: registration order within a plugin
+        return [c for _, c in found]
+
     def _collect(self) -> dict[str, dict[str, Component]]:
         registry: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
         for info in self.plugins.values():
-            info.components = []
-        for kind, hook_name in _HOOK_OF_KIND.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
-                info = self.plugins.get(impl.plugin_name)
-                owner = info.name if info else impl.plugin_name
-
-                def register(name, factory, config_class=None, description="", *, _kind=kind, _info=info, _owner=owner):
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"plugin '{_owner}' registered a {_kind} with an invalid name {name!r}")
-                    if config_class is not None and not attrs.has(config_class):
-                        raise PluginError(f"plugin '{_owner}': config class of {_kind} '{name}' must be an attrs class")
-                    if name in registry[_kind]:
-                        other = registry[_kind][name].plugin
-                        raise PluginError(
-                            f"{_kind} '{name}' is registered by two plugins: '{other}' and '{_owner}'; "
-                            f"uninstall one or restrict loading with {ENV_VAR}"
-                        )
-                    registry[_kind][name] = Component(
-                        _kind, name, factory, config_class, description, _owner, _info.version if _info else None
-                    )
-                    if _info is not None:
-                        _info.components.append((_kind, name))
-
-                impl.function(register=register)
+            info.components, info.problems = [], []
+        candidates = self._candidates()
+        # A built-in wins a name clash; otherwise the plugin loaded first keeps it.
+        candidates.sort(key=lambda c: c.dist != BUILTIN_DIST)
+        for comp in candidates:
+            kept = registry[comp.kind].get(comp.name)
+            if kept is not None:
+                self._drop(self.plugins.get(comp.plugin), comp.plugin,
+                           f"{comp.kind} '{comp.name}' is registered by two plugins: '{kept.plugin}' and "
+                           f"'{comp.plugin}'; '{kept.plugin}' keeps it")
+                continue
+            registry[comp.kind][comp.name] = comp
+            if comp.plugin in self.plugins:
+                self.plugins[comp.plugin].components.append((comp.kind, comp.name))
         return registry
 
     def get(self, kind: str, name: str) -> Component:

@@ -25,10 +25,10 @@ import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import write_tensors
+from .checkpoint import STATE_FORMAT, write_tensors
 from .errors import DdpmkitError
 
-FORMAT = "ddpmkit-train-state-1"
+FORMAT = STATE_FORMAT
 _NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 
 
@@ -86,66 +86,56 @@ def cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [tensors[k] for k in keys]
 
 
-def save_train_state(ckpt_dir: Path, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, ema, noise_gen: torch.Generator, resolved: dict[str, Any]) -> Path:
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for name, value in st.items():
-            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
-    ema_meta = None
-    if ema is not None:
-        for i, p in enumerate(ema.shadow_params):
-            tensors[f"ema.{i}"] = p
-        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.noise"] = noise_gen.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {
-        "format": FORMAT,
-        "state": json.dumps(attrs.asdict(state)),
-        "optimizer": json.dumps(_json_safe(opt["param_groups"])),
-        "scheduler": json.dumps(_json_safe(sched)),
-        "ema": json.dumps(ema_meta),
-        "config": json.dumps(resolved, sort_keys=True),
-    }
-    return write_tensors(ckpt_dir / f"step-{state.step:08d}.safetensors", tensors, meta)
+def write_training_state(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """``checkpoints/step-NNNNNNNN.safetensors`` from a trainer's ``state_dict()`` (values of ``meta``
+    are stored as JSON strings), atomically."""
+    strings = {k: json.dumps(_json_safe(v), sort_keys=True, allow_nan=False) for k, v in meta.items()}
+    return write_tensors(ckpt_dir / f"step-{step:08d}.safetensors", tensors, {"format": FORMAT, **strings})
 
 
-def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema,
-                     noise_gen: torch.Generator, device: torch.device) -> TrainState:
+def read_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the metadata (JSON values decoded) of a training-state file."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError) as exc:
         raise DdpmkitError(f"cannot read checkpoint '{path}': {exc}") from None
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(model_sd)
-    except RuntimeError:
-        raise DdpmkitError(f"checkpoint '{path}' does not match the model of this run's configuration") from None
-    groups = json.loads(meta["optimizer"])
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except json.JSONDecodeError:
+        raise DdpmkitError(f"checkpoint '{path}' has corrupt metadata") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Adam's moments and step counts as ``optim.N.NAME`` tensors, and its param groups."""
+    sd = optimizer.state_dict()
+    tensors = {f"optim.{idx}.{name}": torch.as_tensor(value)
+               for idx, st in sd["state"].items() for name, value in st.items()}
+    return tensors, _json_safe(sd["param_groups"])
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    sched = json.loads(meta["scheduler"])
-    scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    ema_meta = json.loads(meta.get("ema", "null"))
-    if ema is not None:
-        if ema_meta is None:
-            raise DdpmkitError(f"checkpoint '{path}' has no EMA weights but this run uses EMA")
-        shadow = [tensors[f"ema.{i}"].to(device) for i in range(len(ema.shadow_params))]
-        ema.load_state_dict({**ema_meta, "shadow_params": shadow})
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors(noise_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The global CPU generator, the training-noise generator and every CUDA generator."""
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.noise": noise_gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def load_rng_tensors(tensors: dict[str, torch.Tensor], noise_gen: torch.Generator) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     noise_gen.set_state(tensors["rng.noise"])
     cuda_states = cuda_rng_states(tensors)
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    return TrainState(**json.loads(meta["state"]))

@@ -28,31 +28,27 @@ import os
 import time
 from pathlib import Path
 
+import attrs
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .checkpoint import atomic_write, save_checkpoint, write_json
 from .accel import FastPath, tf32_mode
-from .config import RunConfig
+from .assembly import assemble, build_loggers, build_many, probe
+from .checkpoint import save_model_file, write_json
+from .config import ComponentSpec, RunConfig, config_to_dict
 from .errors import DdpmkitError
-from .pipeline import Pipeline, make_diffusion, make_predictor, make_sampler, resolve_device, resolved_config, save_grid
+from .evaluation import MetricContext, evaluate_images, probe_metrics
+from .kinds import SECTIONS
+from .pipeline import Pipeline, resolve_device, save_grid
 from .plugins import get_component
-from .state import TrainState, latest_checkpoint, load_train_state, prune_checkpoints, save_train_state
+from .progress import make_progress, sample_with_progress
+from .state import (TrainState, latest_checkpoint, load_optimizer_tensors, load_rng_tensors, optimizer_tensors,
+                    prune_checkpoints, read_training_state, rng_tensors, write_training_state)
 
 
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
-def _dataset_shape(dataset) -> tuple[int, int]:
-    channels, resolution = getattr(dataset, "channels", None), getattr(dataset, "resolution", None)
-    if channels is None or resolution is None:
-        item = dataset[0]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        channels, resolution = int(x.shape[0]), int(x.shape[-1])
-    return int(channels), int(resolution)
-
-
 def _images(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -102,24 +98,8 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
 
 
 # ---------------------------------------------------------------------------
-# Progress, logs, figures
+# Figures
 # ---------------------------------------------------------------------------
-def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not enabled,
-    )
-
-
-def sample_with_progress(pipe: Pipeline, n: int, console: Console | None = None, enabled: bool = True,
-                         **kwargs) -> torch.Tensor:
-    """``pipe.sample(n, **kwargs)`` under a rich progress bar (reverse steps done / total)."""
-    with make_progress(console, enabled) as bar:
-        task = bar.add_task("sampling", total=None, info=f"{n} images")
-        return pipe.sample(n, progress=lambda k, total: bar.update(task, completed=k, total=total), **kwargs)
-
-
 def forward_strip(diffusion, x0: torch.Tensor, path: Path, n: int = 8, seed: int = 0) -> None:
     """One image through q(x_t | x_0) at n evenly spaced t, left to right (the seed's Fig. 1/4)."""
     T = diffusion.num_timesteps
@@ -127,37 +107,6 @@ def forward_strip(diffusion, x0: torch.Tensor, path: Path, n: int = 8, seed: int
     noise = torch.randn((1, *x0.shape), generator=torch.Generator().manual_seed(seed)).expand(n, *x0.shape)
     xt = diffusion.q_sample(x0.unsqueeze(0).expand(n, *x0.shape), ts, noise)
     save_grid(torch.cat([x0.unsqueeze(0), xt]).clamp(-1, 1), path, nrow=n + 1)
-
-
-def loss_curve(metrics_path: Path, out: Path) -> None:
-    """loss.png from metrics.jsonl (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    if not steps:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=0.8, label="loss (logged steps)")
-    ep = [r for r in rows if "mean_loss" in r]
-    if ep:
-        ax.plot([r["step"] for r in ep], [r["mean_loss"] for r in ep], "o-", ms=3, label="epoch mean")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +152,75 @@ class Dist:
 
 
 # ---------------------------------------------------------------------------
+# Resume: what may change, and what must not
+# ---------------------------------------------------------------------------
+RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_samples", "num_workers", "log_every", "grid_every",
+                     "keep_checkpoints", "checkpoint_every", "checkpoint_epochs", "metrics", "metric_options",
+                     "eval_every", "eval_samples", "channels_last", "compile", "cuda_graphs", "loggers", "logger_options"}
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def _show(value) -> str:
+    return str(tuple(value)) if isinstance(value, list) else str(value)
+
+
+def resume_differences(config: RunConfig, stored: dict) -> list[str]:
+    """What ``config`` changes of a run whose resolved configuration is ``stored``, beyond what a
+    resumed run may change (:data:`RESUME_MAY_CHANGE`): ``["lr 0.5 (run has 0.001)", ...]``."""
+    saved = RunConfig.from_dict(stored["run"])
+    diffs = []
+    for section in SECTIONS:
+        mine, theirs = getattr(config, section), getattr(saved, section)
+        if mine.name != theirs.name:
+            diffs.append(f"{section} {mine.name} (run has {theirs.name})")
+        saved_opts = stored.get("components", {}).get(section, {}).get("options", {})
+        given = _plain(config_to_dict(get_component(section, mine.name).build_config(mine.options)))
+        for key in sorted(set(mine.options) | set(theirs.options), key=list(given).index if given else None):
+            if key in given and key in saved_opts and given[key] != saved_opts[key]:
+                diffs.append(f"{section}.{key} {_show(given[key])} (run has {_show(saved_opts[key])})")
+    new, old = _plain(config.to_dict()), _plain(saved.to_dict())
+    for key in new:
+        if key not in SECTIONS and key not in RESUME_MAY_CHANGE and new[key] != old.get(key):
+            diffs.append(f"{key.replace('_', '-')} {_show(new[key])} (run has {_show(old.get(key))})")
+    return diffs
+
+
+def stored_config(run_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """The newest training-state file of ``run_dir`` and the resolved configuration stored in it."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise DdpmkitError(f"--resume: no checkpoint in '{run_dir}' (expected training-state files in {ckpt_dir}); "
+                           "start a new run with --out instead")
+    return path, read_training_state(path)[1]["config"]
+
+
+def resumed_config(run_dir: str | os.PathLike, names: dict[str, str] | None = None,
+                   options: dict[str, dict] | None = None, changes: dict | None = None) -> RunConfig:
+    """The configuration stored in ``run_dir``'s newest checkpoint with ``changes`` applied; component
+    ``names``/``options`` or ``changes`` that contradict the run → one line listing them."""
+    path, stored = stored_config(run_dir)
+    config = RunConfig.from_dict(stored["run"])
+    for section, name in (names or {}).items():
+        if name != getattr(config, section).name:
+            setattr(config, section, ComponentSpec(name))
+    for section, opts in (options or {}).items():
+        getattr(config, section).options.update(opts)
+    try:
+        config = attrs.evolve(config, **(changes or {}))
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"invalid option: {exc}") from None
+    diffs = resume_differences(config, stored)
+    if diffs:
+        raise DdpmkitError("--resume: these flags differ from the run's configuration: " + "; ".join(diffs)
+                           + ". Drop them to continue the run, or start a new one with --out")
+    return config
+
+
+# ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
 def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.device | None = None,
@@ -217,10 +235,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
             uses ``cuda:LOCAL_RANK`` (or the CPU with the gloo backend).
         progress: show a rich progress bar (epoch, step, loss, images/s, ETA).
         sample_grid: after training, draw ``config.num_samples`` images and save ``samples.png``.
-        resume: continue from the newest checkpoint in ``run_dir/checkpoints``.
+        resume: continue from the newest checkpoint in ``run_dir/checkpoints``; ``config`` must
+            agree with the configuration stored in it (only :data:`RESUME_MAY_CHANGE` may differ).
     """
     console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
     dist = Dist()
     if dist.enabled and (device is None or str(device) == "auto"):
         device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -231,240 +249,301 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
     fast = FastPath.from_run(config).resolve(dev)  # an impossible switch fails here, before anything is built
     try:
         with tf32_mode(fast.tf32):
-            return _train(config, run_dir, dev, fast, dist, progress and dist.main, console, sample_grid, resume)
+            trainer = Trainer(config, run_dir, dev, fast, dist, progress=progress, console=console)
+            if resume:
+                trainer.resume()
+            return trainer.run(sample_grid=sample_grid)
     finally:
         dist.stop()
 
 
-def _train(config, run_dir, dev, fast, dist, progress, console, sample_grid, resume) -> Pipeline:
-    torch.manual_seed(config.seed)
+class Trainer:
+    """Algorithm 1 over a run's dataset: state as attributes, one method per step of the loop.
 
-    # --- components --------------------------------------------------------
-    ds_comp = get_component("dataset", config.dataset.name)
-    ds_cfg = ds_comp.make_config(config.dataset.options)
-    loss_comp = get_component("loss", config.loss.name)
-    loss_cfg = loss_comp.make_config(config.loss.options)
-    diffusion, sched_cfg = make_diffusion(config)
-    _, sampler_cfg = make_sampler(config.sampler.name, config.sampler.options, diffusion)
-    dataset = ds_comp.create(ds_cfg)
-    if len(dataset) < 1:
-        raise DdpmkitError(f"dataset '{config.dataset.name}' is empty")
-    if config.batch_size > len(dataset):
-        raise DdpmkitError(f"batch size {config.batch_size} is larger than dataset '{config.dataset.name}' "
-                           f"({len(dataset)} images); use --batch-size {len(dataset)} or less")
-    micro = config.batch_size // config.grad_accum
-    if micro * config.grad_accum != config.batch_size:
-        raise DdpmkitError(f"batch size {config.batch_size} is not divisible by --grad-accum {config.grad_accum}")
-    if micro % dist.world:
-        raise DdpmkitError(f"batch size {config.batch_size} / grad-accum {config.grad_accum} = {micro} is not "
-                           f"divisible by the {dist.world} processes")
-    channels, resolution = _dataset_shape(dataset)
-    torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
-    model, pred_cfg = make_predictor(config, channels, resolution)
-    model.to(dev).train()
-    if fast.channels_last:  # before the optimizer and the EMA copy are made, so they share the format
-        model.to(memory_format=torch.channels_last)
-    loss_fn = loss_comp.create(loss_cfg)
-    if config.min_snr_gamma:
+    ``Trainer(config, run_dir, device, fast, dist)`` assembles the run (``ddpmkit.assembly``) and
+    probes every component; :meth:`resume` loads the newest checkpoint; :meth:`run` trains, writes
+    the run directory and returns the :class:`Pipeline`. :meth:`state_dict` /
+    :meth:`load_state_dict` are the training state a checkpoint holds.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, device: torch.device, fast: FastPath,
+                 dist: Dist, progress: bool = True, console: Console | None = None):
+        self.config, self.run_dir, self.dev, self.fast, self.dist = config, Path(run_dir), device, fast, dist
+        self.progress, self.console = progress and dist.main, console
+        self.parts = assemble(config)
+        self._check_batches(len(self.parts.dataset))
+        self.model = self.parts.model.to(device).train()
+        if fast.channels_last:  # before the optimizer and the EMA copy are made, so they share the format
+            self.model.to(memory_format=torch.channels_last)
+        probe(self.parts, device)
+        self._optimisation()
+        self.noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+        # The loader gets its own generator: creating an iterator must not draw from the global RNG
+        # (dropout's), or a resumed run would drift from an uninterrupted one.
+        self.loader = make_loader(self.parts.dataset, self.micro, device, config.num_workers,
+                                  generator=torch.Generator().manual_seed(config.seed), seed=config.seed,
+                                  rank=dist.rank, world=dist.world)
+        self.state = TrainState()
+        self.resume_step: int | None = None
+        self.last_saved: int | None = None  # the step of the newest checkpoint this run wrote
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based step of the first non-finite loss
+        self.loggers: list = []
+        self.metrics = build_many("metric", config.metrics, config.metric_options, device=device) \
+            if config.metrics and dist.main else {}
+        if self.metrics:
+            probe_metrics(self.metrics, self.metric_context(self.sampling_pipeline()))
+
+    # -- setting up ---------------------------------------------------------
+    def _check_batches(self, n: int) -> None:
+        c, name = self.config, self.config.dataset.name
+        if c.batch_size > n:
+            raise DdpmkitError(f"batch size {c.batch_size} is larger than dataset '{name}' ({n} images); "
+                               f"use --batch-size {n} or less")
+        self.micro = c.batch_size // c.grad_accum
+        if self.micro * c.grad_accum != c.batch_size:
+            raise DdpmkitError(f"batch size {c.batch_size} is not divisible by --grad-accum {c.grad_accum}")
+        if self.micro % self.dist.world:
+            raise DdpmkitError(f"batch size {c.batch_size} / grad-accum {c.grad_accum} = {self.micro} is not "
+                               f"divisible by the {self.dist.world} processes")
+        self.steps_per_epoch = (n // self.micro) // c.grad_accum
+        if self.steps_per_epoch < 1:
+            raise DdpmkitError(f"dataset '{name}' ({n} images) is smaller than one step ({c.batch_size} images)")
+        self.total = self.steps_per_epoch * c.epochs
+        if c.max_steps is not None:
+            self.total = min(self.total, c.max_steps)
+        self.epochs = math.ceil(self.total / self.steps_per_epoch)
+
+    def _optimisation(self) -> None:
+        c, model = self.config, self.model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+        warm = max(0, c.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.ema = self.ema_model = None
+        if c.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(model.parameters(), decay=c.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
+            self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.net = model
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        if self.fast.compile:
+            self.net = torch.compile(self.net)
+
+    # -- the training state -------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, metadata)``: model, EMA, optimizer and RNG states as tensors; position, optimizer
+        groups, schedule and EMA counters, timestep-sampler state and the resolved config as JSON."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        optim, groups = optimizer_tensors(self.optimizer)
+        tensors.update(optim)
+        ema_meta = None
+        if self.ema is not None:
+            tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
+            ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        tensors.update(rng_tensors(self.noise_gen))
+        ts = self.parts.timestep_sampler
+        meta = {"state": attrs.asdict(self.state), "optimizer": groups, "ema": ema_meta,
+                "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                "timestep_sampler": ts.state_dict() if hasattr(ts, "state_dict") else None,
+                "config": self.parts.resolved}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, source: str = "checkpoint") -> None:
+        """The inverse of :meth:`state_dict`."""
         try:
-            loss_fn(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")
-        except TypeError:
-            raise DdpmkitError(f"loss '{config.loss.name}' does not accept reduction='none', which min-SNR "
-                               "weighting needs") from None
-    resolved = resolved_config(config, channels, resolution,
-                               {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg, "dataset": ds_cfg,
-                                "sampler": sampler_cfg})
+            self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError:
+            raise DdpmkitError(f"{source} does not match the model of this run's configuration") from None
+        load_optimizer_tensors(self.optimizer, tensors, meta["optimizer"])
+        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        if self.ema is not None:
+            if meta.get("ema") is None:
+                raise DdpmkitError(f"{source} has no EMA weights but this run uses EMA")
+            shadow = [tensors[f"ema.{i}"].to(self.dev) for i in range(len(self.ema.shadow_params))]
+            self.ema.load_state_dict({**meta["ema"], "shadow_params": shadow})
+        ts = self.parts.timestep_sampler
+        if meta.get("timestep_sampler") is not None and hasattr(ts, "load_state_dict"):
+            ts.load_state_dict(meta["timestep_sampler"])
+        load_rng_tensors(tensors, self.noise_gen)
+        self.state = TrainState(**meta["state"])
 
-    # --- optimisation ------------------------------------------------------
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    warm = max(0, config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    ema = ema_model = None
-    if config.ema_decay:
-        from diffusers.training_utils import EMAModel
+    def resume(self) -> None:
+        """Continue from the newest training-state file, after checking that this run's
+        configuration agrees with the one stored in it."""
+        path, stored = stored_config(self.run_dir)
+        diffs = resume_differences(self.config, stored)
+        if diffs:
+            raise DdpmkitError(f"resume: the configuration differs from the one stored in {path}: "
+                               + "; ".join(diffs) + ". Continue with the run's own configuration, or start a new run")
+        tensors, meta = read_training_state(path)
+        self.load_state_dict(tensors, meta, source=f"checkpoint '{path}'")
+        self.resume_step = self.state.step
 
-        ema = EMAModel(model.parameters(), decay=config.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
-        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    use_bf16 = fast.precision == "bf16"  # (fast.cuda_graphs is for sampling only)
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if fast.compile:
-        ddp_model = torch.compile(ddp_model)
-
-    noise_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
-    # The loader gets its own generator: creating an iterator must not draw from the global RNG
-    # (dropout's), or a resumed run would drift from an uninterrupted one.
-    loader = make_loader(dataset, micro, dev, config.num_workers, generator=torch.Generator().manual_seed(config.seed),
-                         seed=config.seed, rank=dist.rank, world=dist.world)
-    batches: EpochBatches = loader.batch_sampler
-    steps_per_epoch = (len(dataset) // micro) // config.grad_accum
-    if steps_per_epoch < 1:
-        raise DdpmkitError(f"dataset '{config.dataset.name}' ({len(dataset)} images) is smaller than one step "
-                           f"({config.batch_size} images)")
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    epochs = math.ceil(total / steps_per_epoch)
-
-    # --- resume ------------------------------------------------------------
-    state = TrainState()
-    ckpt_dir = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise DdpmkitError(f"--resume: no checkpoint in '{ckpt_dir}'; start a new run with --out instead")
-        state = load_train_state(path, model, optimizer, scheduler, ema, noise_gen, dev)
-        if metrics_path.exists() and dist.main:  # forget what the killed run logged after the checkpoint
-            keep = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.step]
-            metrics_path.write_text("".join(line + "\n" for line in keep))
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", resolved)
-        if not (run_dir / "forward.png").exists():
-            forward_strip(diffusion, _images(dataset[0]), run_dir / "forward.png", seed=config.seed)
-    writer = _tensorboard(run_dir) if dist.main else None
-
-    last_saved = None  # the step of the newest checkpoint this run wrote
-
-    def checkpoint():
-        nonlocal last_saved
-        check_finite()  # never save weights that a non-finite loss has touched
-        last_saved = state.step
-        if log:
-            log.flush()  # every metric up to the checkpoint's step is on disk before the checkpoint is
-            os.fsync(log.fileno())
-        if dist.main:
-            save_train_state(ckpt_dir, state, model, optimizer, scheduler, ema, noise_gen, resolved)
-            prune_checkpoints(ckpt_dir, config.keep_checkpoints)
-
-    evaluators = None
-    if config.metrics and dist.main:
-        from .evaluation import build_metrics
-
-        evaluators = build_metrics(config.metrics, config.metric_options, dev)
-
-    def run_metrics(pipe: Pipeline) -> dict[str, float]:
-        from .evaluation import evaluate_images
-
-        results = evaluate_images(pipe.sample(config.eval_samples, seed=config.seed), evaluators)
-        if log:
-            log.write(json.dumps({"step": state.step, "epoch": state.epoch, "eval": results}) + "\n")
-            log.flush()
-        if writer:
-            for k, v in results.items():
-                writer.add_scalar(f"eval/{k}", v, state.step)
-        return results
-
-    def sampling_pipeline() -> Pipeline:
+    # -- what the loop calls -------------------------------------------------
+    def sampling_pipeline(self) -> Pipeline:
         """The weights sampling uses (EMA weights when EMA is on), as a Pipeline; sampling puts the
         training model back in training mode itself."""
-        weights = model
-        if ema is not None:
-            ema.copy_to(ema_model.parameters())
-            weights = ema_model
-        return Pipeline(weights, diffusion, channels, resolution, config, dev, resolved)
+        weights = self.model
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_model.parameters())
+            weights = self.ema_model
+        p = self.parts
+        return Pipeline(weights, p.diffusion, p.shape.channels, p.shape.resolution, self.config, self.dev, p.resolved,
+                        num_classes=p.shape.num_classes)
 
-    # --- Algorithm 1 -------------------------------------------------------
-    first_bad = torch.zeros((), dtype=torch.long, device=dev)  # 1-based step of the first non-finite loss
+    def metric_context(self, pipe: Pipeline) -> MetricContext:
+        return MetricContext(pipeline=pipe, dataset=self.parts.dataset, seed=self.config.seed)
 
-    def check_finite(value: torch.Tensor | None = None) -> float | None:
+    def log(self, record: dict) -> None:
+        for logger in self.loggers:
+            logger.log(record)
+
+    def check_finite(self, value: torch.Tensor | None = None) -> float | None:
         """``value`` as a float (one host sync); stops the run if any loss so far was not finite."""
-        bad = int(first_bad)
+        bad = int(self.first_bad)
         if bad:
-            last = latest_checkpoint(ckpt_dir)
-            kept = f"; the last good checkpoint is {last}" if last else ""
+            last = latest_checkpoint(self.run_dir / "checkpoints")
+            kept = f"; the last good training-state checkpoint is {last}" if last else ""
             raise DdpmkitError(f"loss became nan or inf at step {bad}; stopped (lower --lr or add --grad-clip){kept}")
         return None if value is None else value.item()
 
-    t0, images_seen = time.perf_counter(), 0
-    log = open(metrics_path, "a") if dist.main else None  # noqa: SIM115 (closed in finally)
-    try:
-        with make_progress(console, progress) as bar:
-            task = bar.add_task(f"epoch {state.epoch + 1}/{epochs}", total=total, completed=state.step, info="")
-            while state.step < total:
-                epoch = state.epoch
-                bar.update(task, description=f"epoch {epoch + 1}/{epochs}")
-                batches.set_epoch(epoch, state.batch * config.grad_accum)
-                it = iter(loader)
-                epoch_loss, epoch_n = torch.zeros((), device=dev), 0
-                while state.batch < steps_per_epoch and state.step < total:
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss = torch.zeros((), device=dev)
-                    for k in range(config.grad_accum):
-                        x0 = _images(next(it)).to(dev, non_blocking=True)
-                        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                            loss = diffusion.training_loss(ddp_model, x0, loss_fn, generator=noise_gen,
-                                                           min_snr_gamma=config.min_snr_gamma,
-                                                           global_batch=micro, offset=dist.rank * x0.shape[0])
-                        (loss / config.grad_accum).backward()
-                        step_loss += loss.detach().float() / config.grad_accum
-                    step_loss = dist.mean(step_loss)
-                    # No host sync per step: the first non-finite step is recorded on the device and read
-                    # only when a value is needed (logging, checkpoints, the end of an epoch).
-                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), state.step + 1, first_bad)
-                    if config.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    if ema is not None:
-                        ema.step(model.parameters())
-                    state.step += 1
-                    state.batch += 1
-                    images_seen += config.batch_size
-                    epoch_loss += step_loss
-                    epoch_n += 1
-                    if state.step % config.log_every == 0 or state.step == total:
-                        value = check_finite(step_loss)
-                        speed = images_seen / (time.perf_counter() - t0)
-                        bar.update(task, info=f"loss {value:.4f}  {speed:.0f} img/s")
-                        if log:
-                            lr = scheduler.get_last_lr()[0]
-                            log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "loss": value, "lr": lr,
-                                                  "images_per_s": speed}) + "\n")
-                            if writer:
-                                writer.add_scalar("loss", value, state.step)
-                                writer.add_scalar("lr", lr, state.step)
-                                writer.add_scalar("images_per_s", speed, state.step)
-                    bar.update(task, completed=state.step)
-                    if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                        checkpoint()
-                del it
-                if state.batch >= steps_per_epoch:
-                    state.epoch, state.batch = epoch + 1, 0
-                    if log:
-                        log.write(json.dumps({"epoch": epoch + 1, "step": state.step,
-                                              "mean_loss": check_finite(epoch_loss / max(1, epoch_n)),
-                                              "elapsed_s": time.perf_counter() - t0}) + "\n")
-                        log.flush()
-                    if not config.checkpoint_every and state.epoch % config.checkpoint_epochs == 0:
-                        checkpoint()
-                    if dist.main and config.grid_every and state.epoch % config.grid_every == 0:
-                        save_grid(sampling_pipeline().sample(min(16, config.num_samples), seed=config.seed),
-                                  run_dir / "samples" / f"epoch-{state.epoch:04d}.png")
-                    if evaluators and config.eval_every and state.epoch % config.eval_every == 0 \
-                            and state.step < total:
-                        run_metrics(sampling_pipeline())
-        if last_saved != state.step:
-            checkpoint()
-        dist.barrier()
-        pipe = sampling_pipeline()
-        if dist.main:
-            save_checkpoint(run_dir / "model.safetensors", pipe.model.state_dict(), resolved)
-        if evaluators:
-            write_json(run_dir / "eval.json", {"step": state.step, "samples": config.eval_samples,
-                                               "results": run_metrics(pipe)})
-    finally:
-        if log:
-            log.close()
-        if writer:
-            writer.close()
+    def step(self, batches) -> torch.Tensor:
+        """One optimisation step (Algorithm 1 over ``grad_accum`` micro-batches); the mean loss, on the device."""
+        c, p = self.config, self.parts
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=self.dev)
+        ts = p.timestep_sampler
+        for _ in range(c.grad_accum):
+            batch = next(batches)
+            x0 = _images(batch).to(self.dev, non_blocking=True)
+            conditions = {"class_labels": batch[1].to(self.dev)} if c.class_conditional else None
+            with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.fast.precision == "bf16"):
+                terms = p.diffusion.training_losses(
+                    self.net, x0, p.loss, generator=self.noise_gen, min_snr_gamma=c.min_snr_gamma,
+                    global_batch=self.micro, offset=self.dist.rank * x0.shape[0], timestep_sampler=ts,
+                    conditions=conditions, per_sample=p.needs_per_sample, loss_context=p.loss_takes_context)
+            (terms.loss / c.grad_accum).backward()
+            step_loss += terms.loss.detach().float() / c.grad_accum
+            if terms.per_sample is not None and hasattr(ts, "update"):
+                ts.update(terms.t, terms.per_sample)
+        step_loss = self.dist.mean(step_loss)
+        # No host sync per step: the first non-finite step is recorded on the device and read
+        # only when a value is needed (logging, checkpoints, the end of an epoch).
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(step_loss), self.state.step + 1,
+                                     self.first_bad)
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        self.state.step += 1
+        self.state.batch += 1
+        self.images_seen += c.batch_size
+        return step_loss
 
-    if dist.main:
-        loss_curve(metrics_path, run_dir / "loss.png")
-        if sample_grid:
-            save_grid(sample_with_progress(pipe, config.num_samples, console, progress, seed=config.seed),
-                      run_dir / "samples.png")
-    return pipe
+    def log_step(self, step_loss: torch.Tensor, bar, task, epoch: int) -> None:
+        value = self.check_finite(step_loss)
+        speed = self.images_seen / (time.perf_counter() - self.t0)
+        bar.update(task, info=f"loss {value:.4f}  {speed:.0f} img/s")
+        self.log({"step": self.state.step, "epoch": epoch + 1, "loss": value,
+                  "lr": self.scheduler.get_last_lr()[0], "images_per_s": speed})
+
+    def checkpoint(self) -> None:
+        """A training-state file for the current step (rank 0), after every log record up to it is durable."""
+        self.check_finite()  # never save weights that a non-finite loss has touched
+        self.last_saved = self.state.step
+        for logger in self.loggers:
+            logger.flush()
+        if self.dist.main:
+            ckpt_dir = self.run_dir / "checkpoints"
+            write_training_state(ckpt_dir, self.state.step, *self.state_dict())
+            prune_checkpoints(ckpt_dir, self.config.keep_checkpoints)
+
+    def end_of_epoch(self, epoch: int, epoch_loss: torch.Tensor, epoch_n: int) -> None:
+        c = self.config
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        if self.dist.main:
+            self.log({"epoch": epoch + 1, "step": self.state.step,
+                      "mean_loss": self.check_finite(epoch_loss / max(1, epoch_n)),
+                      "elapsed_s": time.perf_counter() - self.t0})
+        if not c.checkpoint_every and self.state.epoch % c.checkpoint_epochs == 0:
+            self.checkpoint()
+        if self.dist.main and c.grid_every and self.state.epoch % c.grid_every == 0:
+            save_grid(self.sampling_pipeline().sample(min(16, c.num_samples), seed=c.seed),
+                      self.run_dir / "samples" / f"epoch-{self.state.epoch:04d}.png")
+        if self.metrics and c.eval_every and self.state.epoch % c.eval_every == 0 and self.state.step < self.total:
+            self.evaluate(self.sampling_pipeline())
+
+    def evaluate(self, pipe: Pipeline) -> dict[str, float]:
+        images = pipe.sample(self.config.eval_samples, seed=self.config.seed)
+        results = evaluate_images(images, self.metrics, context=self.metric_context(pipe))
+        self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results})
+        return results
+
+    def epoch(self, bar, task) -> None:
+        """One epoch (or what is left of it after a resume, or before ``max_steps``)."""
+        c, epoch = self.config, self.state.epoch
+        bar.update(task, description=f"epoch {epoch + 1}/{self.epochs}")
+        self.loader.batch_sampler.set_epoch(epoch, self.state.batch * c.grad_accum)
+        batches = iter(self.loader)
+        epoch_loss, epoch_n = torch.zeros((), device=self.dev), 0
+        while self.state.batch < self.steps_per_epoch and self.state.step < self.total:
+            step_loss = self.step(batches)
+            epoch_loss += step_loss
+            epoch_n += 1
+            if self.state.step % c.log_every == 0 or self.state.step == self.total:
+                self.log_step(step_loss, bar, task, epoch)
+            bar.update(task, completed=self.state.step)
+            if c.checkpoint_every and self.state.step % c.checkpoint_every == 0:
+                self.checkpoint()
+        del batches
+        if self.state.batch >= self.steps_per_epoch:
+            self.end_of_epoch(epoch, epoch_loss, epoch_n)
+
+    # -- the whole run ------------------------------------------------------------
+    def start(self) -> None:
+        """Write what a run directory holds from its start (rank 0) and open the loggers."""
+        if not self.dist.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "config.json", self.parts.resolved)
+        if not (self.run_dir / "forward.png").exists():
+            forward_strip(self.parts.diffusion, _images(self.parts.dataset[0]), self.run_dir / "forward.png",
+                          seed=self.config.seed)
+        self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
+
+    def finish(self, sample_grid: bool) -> Pipeline:
+        """The last checkpoint, the model file, the final metrics and the sample grid."""
+        if self.last_saved != self.state.step:
+            self.checkpoint()
+        self.dist.barrier()
+        pipe = self.sampling_pipeline()
+        if self.dist.main:
+            save_model_file(self.run_dir / "model.safetensors", pipe.model.state_dict(), self.parts.resolved)
+        if self.metrics:
+            write_json(self.run_dir / "eval.json", {"step": self.state.step, "samples": self.config.eval_samples,
+                                                    "results": self.evaluate(pipe)})
+        return pipe
+
+    def run(self, sample_grid: bool = True) -> Pipeline:
+        """Train to ``total`` steps, then write the model file (and the grid); returns the Pipeline."""
+        self.start()
+        self.t0, self.images_seen = time.perf_counter(), 0
+        try:
+            with make_progress(self.console, self.progress) as bar:
+                task = bar.add_task(f"epoch {self.state.epoch + 1}/{self.epochs}", total=self.total,
+                                    completed=self.state.step, info="")
+                while self.state.step < self.total:
+                    self.epoch(bar, task)
+            pipe = self.finish(sample_grid)
+        finally:
+            for logger in self.loggers:
+                logger.close()
+        if self.dist.main and sample_grid:
+            save_grid(sample_with_progress(pipe, self.config.num_samples, self.console, self.progress,
+                                           seed=self.config.seed), self.run_dir / "samples.png")
+        return pipe

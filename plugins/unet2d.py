@@ -26,6 +26,8 @@ class UNet2DConfig:
         (the seed's presets use 0.01).
     norm_num_groups: GroupNorm groups; must divide every width. Default 32.
     attention_head_dim: channels per attention head. Default 8.
+    learn_variance: also output the improved-DDPM variance interpolation (2C output channels; run
+        with ``--variance learned_range``). Default False.
     """
 
     block_out_channels: tuple[int, ...] | None = attrs.field(default=None)
@@ -34,13 +36,18 @@ class UNet2DConfig:
     dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
     norm_num_groups: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     attention_head_dim: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    learn_variance: bool = False
 
 
 class UNet2D(torch.nn.Module):
-    """ε_θ(x_t, t) = UNet2DModel(x_t, t).sample."""
+    """ε_θ(x_t, t) = UNet2DModel(x_t, t).sample; with ``num_classes`` (a class-conditional run) a
+    class embedding of K + 1 entries (the last one free for a "no class" label) is added to the time
+    embedding, as diffusers' ``num_class_embeds`` does, and ``forward`` takes ``class_labels``."""
 
-    def __init__(self, config: UNet2DConfig, *, channels: int, resolution: int):
+    def __init__(self, config: UNet2DConfig, *, channels: int, resolution: int, num_classes: int | None = None):
         super().__init__()
+        self.conditions = ("class_labels",) if num_classes else ()
+        self.outputs = ("prediction", "variance") if config.learn_variance else ("prediction",)
         from diffusers import UNet2DModel
 
         widths = config.block_out_channels
@@ -64,15 +71,15 @@ class UNet2D(torch.nn.Module):
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
         self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=channels, out_channels=channels,
+            sample_size=resolution, in_channels=channels, out_channels=channels * len(self.outputs),
             block_out_channels=widths, layers_per_block=config.layers_per_block,
             down_block_types=down, up_block_types=up, dropout=config.dropout,
             norm_num_groups=config.norm_num_groups, attention_head_dim=config.attention_head_dim,
-            time_embedding_type="positional",
+            time_embedding_type="positional", num_class_embeds=num_classes + 1 if num_classes else None,
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=class_labels).sample
 
 
 @ddpmkit.hookimpl

@@ -53,10 +53,14 @@ class BadSchedules:
 
 def test_bad_schedule_rejected_naming_the_plugin(tmp_path, tiny_args):
     ddpmkit.register_plugin(BadSchedules(), name="bad-schedules")
-    for name in ("too-big", "flat"):
+    for name, value in (("too-big", "1.5"), ("flat", "0")):
         result = CliRunner().invoke(cli, ["run", "--schedule", name, "--out", str(tmp_path / name), *tiny_args])
         assert result.exit_code == 2
-        assert result.stderr.strip() == f"Error: schedule '{name}' (plugin bad-schedules) returned betas outside (0, 1)"
+        # the contract's one line: component, plugin (and distribution), what it returned, what was expected
+        assert result.stderr.strip() == (f"Error: schedule '{name}' (plugin 'bad-schedules', registered in-process) "
+                                         f"returned a float64 tensor of shape (20,) in [{value}, {value}]; "
+                                         "expected betas that lie in (0, 1)")
+        assert not (tmp_path / name).exists()
 
 
 def _ddim_pair(T, steps, eta, spacing, clip, prediction):

@@ -104,7 +104,8 @@ def test_ema_warmup_follows_diffusers_formula():
 
 
 class NanAfter:
-    """A loss that turns NaN on its 12th call."""
+    """A loss that turns NaN on its 13th call: the 12th training step (the probe that checks every
+    component when a run starts calls it once before training)."""
 
     calls = 0
 
@@ -115,7 +116,7 @@ class NanAfter:
             def loss(p, t, reduction="mean"):
                 NanAfter.calls += 1
                 value = torch.nn.functional.mse_loss(p, t)
-                return value * float("nan") if NanAfter.calls >= 12 else value
+                return value * float("nan") if NanAfter.calls >= 13 else value
             return loss
         register("nan-after", factory)
 

@@ -152,8 +152,8 @@ def resolved_config(config: RunConfig, shape: DataShape, configs: dict[str, Any]
         comp = component(config, kind)
         components[kind] = {"name": comp.name, "plugin": comp.plugin, "version": comp.version,
                             "options": config_to_dict(configs.get(kind))}
-    return {"ddpmkit_version": __version__, "run": config.to_dict(), "components": components,
-            "data": attrs.asdict(shape)}
+    data = {k: v for k, v in attrs.asdict(shape).items() if v is not None}  # num_classes: conditional runs only
+    return {"ddpmkit_version": __version__, "run": config.to_dict(), "components": components, "data": data}
 
 
 # ---------------------------------------------------------------------------

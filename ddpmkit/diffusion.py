@@ -264,7 +264,8 @@ class GaussianDiffusion:
     def split_output(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The network's output as (ε̂, x̂_0), whatever it predicts; x̂_0 is clipped when clipping is on.
         A learned variance in the output is set aside (see :meth:`split_model_output`)."""
-        output = self.split_model_output(output).prediction
+        if output.shape[1] != xt.shape[1]:  # the raw output, prediction and variance
+            output = self.split_model_output(output).prediction
         a, s = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
         if self.prediction == "epsilon":
             eps, x0 = output, self.predict_x0(xt, t, output)

@@ -51,9 +51,9 @@ def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None,
         kwargs = {}
         if bar is not None:
             task = bar.add_task(name, total=images.shape[0], info=f"{images.shape[0]} images")
-            if _takes(metric.__call__, "progress"):
+            if _takes(metric, "progress"):
                 kwargs["progress"] = lambda k, _t=task: bar.update(_t, completed=k)
-        if _takes(metric.__call__, "context"):
+        if _takes(metric, "context"):
             kwargs["context"] = context or MetricContext()
         with torch.inference_mode():
             result = metric(images, **kwargs)

@@ -17,6 +17,7 @@ contract of its kind (shapes, ranges, config round trip, determinism); it raises
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,6 +206,7 @@ def check_logger(name: str, run_dir, **options):
     """Builds in ``run_dir``, takes a step record, an epoch record and an eval record, flushes, closes."""
     check_config_round_trip("logger", name, options)
     comp = get_component("logger", name)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     logger = comp.build(options, run_dir=run_dir, run_config={"run": {}}, resume_step=None)
     if logger is None:
         return None

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -509,12 +510,18 @@ class Trainer:
         """Write what a run directory holds from its start (rank 0) and open the loggers."""
         if not self.dist.main:
             return
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # loggers first: one that breaks the contract leaves no run directory behind
+            self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
+        except BaseException:
+            if created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         write_json(self.run_dir / "config.json", self.parts.resolved)
         if not (self.run_dir / "forward.png").exists():
             forward_strip(self.parts.diffusion, _images(self.parts.dataset[0]), self.run_dir / "forward.png",
                           seed=self.config.seed)
-        self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
 
     def finish(self, sample_grid: bool) -> Pipeline:
         """The last checkpoint, the model file, the final metrics and the sample grid."""

@@ -313,7 +313,13 @@ def test_training_reads_the_loss_only_when_it_logs(tmp_path, monkeypatch):
             reads.append(1)
         return item(self)
 
-    monkeypatch.setattr(torch.Tensor, "item", counted)
+    run = ddpmkit.Trainer.run
+
+    def counting_run(self, *args, **kwargs):  # count from the start of the training loop: the probe of
+        monkeypatch.setattr(torch.Tensor, "item", counted)  # every component before it reads CPU values
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ddpmkit.Trainer, "run", counting_run)
     ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
     monkeypatch.undo()
     assert 2 <= len(reads) <= 4, len(reads)  # steps 10 and 20 (+ the final checkpoint), not 20 reads

@@ -184,13 +184,13 @@ def probe(parts, device: torch.device) -> None:
     :class:`~ddpmkit.contract.ContractError` line for the first broken answer."""
     cfg = parts.config
     g = torch.Generator().manual_seed(0)
-    items = [parts.dataset[i] for i in range(min(2, len(parts.dataset)))]
-    x0 = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(device)
-    b = x0.shape[0]
-    conditions = {}
-    if cfg.class_conditional:
-        conditions["class_labels"] = torch.tensor([int(it[1]) for it in items], device=device)
-    with _untouched(parts.model, device):
+    with _untouched(parts.model, device):  # (an item may draw a random flip)
+        items = [parts.dataset[i] for i in range(min(2, len(parts.dataset)))]
+        x0 = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(device)
+        b = x0.shape[0]
+        conditions = {}
+        if cfg.class_conditional:
+            conditions["class_labels"] = torch.tensor([int(it[1]) for it in items], device=device)
         t = torch.randint(0, parts.diffusion.num_timesteps, (b,), generator=g).to(device)
         probe_predictor(component(cfg, "predictor"), parts.model, x0, t, conditions)
         ts_comp = component(cfg, "timestep_sampler")

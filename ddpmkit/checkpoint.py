@@ -33,6 +33,12 @@ STATE_FORMAT = "ddpmkit-train-state-1"
 FORMAT = MODEL_FORMAT
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it to ``path``."""
     path = Path(path)
@@ -41,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the mode an ordinary file gets
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -81,10 +88,14 @@ def save_model_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
 
 
 def find_weights_file(path: str | os.PathLike) -> Path:
-    """A model or training-state file as given, or a run directory's ``model.safetensors``."""
+    """A model or training-state file as given; for a run directory its ``model.safetensors``, or,
+    while the run is still training, its newest complete training-state file."""
     p = Path(path)
     if p.is_dir():
-        p = p / "model.safetensors"
+        from .state import latest_checkpoint
+
+        model = p / "model.safetensors"
+        p = model if model.exists() else (latest_checkpoint(p / "checkpoints") or model)
     if not p.exists():
         raise DdpmkitError(f"no checkpoint at '{path}': give a run directory, its model.safetensors or one of its "
                            "checkpoints/step-*.safetensors")

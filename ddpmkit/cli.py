@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DdpmkitError
+from .errors import DdpmkitError, Interrupted
 from .kinds import KIND_BY_NAME, KINDS, SECTIONS
 
 err_console = Console(stderr=True)
@@ -30,6 +30,9 @@ class Group(click.Group):
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
+        except Interrupted as exc:  # training stopped on a signal, with a checkpoint
+            click.echo(str(exc), err=True)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -212,7 +215,10 @@ def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: d
               help="Continue the run in this directory from its newest checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default runs/<date-time>).")
+              help="Run directory (default runs/<date-time>); must be new or empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Reuse a non-empty --out: remove the earlier run's files (config, model, checkpoints, logs, "
+                   "figures) first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @fast_options
 def run(**opts):
@@ -222,8 +228,8 @@ def run(**opts):
     names, overrides, changes = _run_request(opts)
     resume_dir, progress = opts["resume_dir"], not opts["no_progress"]
     if resume_dir is not None:
-        if opts["preset"] is not None or opts["out_dir"] is not None:
-            raise DdpmkitError("--resume continues a run as it was configured; drop --preset/--out")
+        if opts["preset"] is not None or opts["out_dir"] is not None or opts["overwrite"]:
+            raise DdpmkitError("--resume continues a run as it was configured; drop --preset/--out/--overwrite")
         if opts["data_root"] is not None:
             overrides.setdefault("dataset", {})["data_root"] = opts["data_root"]
         config = resumed_config(resume_dir, names, overrides, changes)
@@ -234,7 +240,7 @@ def run(**opts):
     config = _new_run_config(opts["preset"], names, overrides, changes, opts["data_root"])
     run_dir = Path(opts["out_dir"]) if opts["out_dir"] else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
-    train(config, run_dir, device=opts["device"], progress=progress, console=err_console)
+    train(config, run_dir, device=opts["device"], progress=progress, console=err_console, overwrite=opts["overwrite"])
     click.echo(f"Trained in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
     click.echo(f"  checkpoint: {run_dir / 'model.safetensors'}")
     click.echo(f"  samples:    {run_dir / 'samples.png'}")
@@ -349,12 +355,14 @@ def _fast_path(pipe, flags):
 @click.option("--device", default="cpu", show_default=True)
 def export_cmd(run_dir, out, fmt, device):
     """Export a run (or checkpoint) to OUT: a diffusers DDPMPipeline folder (from_pretrained loads it)."""
-    from .export import export_diffusers
+    from .export import diffusers_call, export_diffusers
     from .pipeline import load_checkpoint
 
     pipe = load_checkpoint(run_dir, device=device)
     export_diffusers(pipe, out)
     click.echo(f"Wrote a diffusers DDPMPipeline to {out}")
+    click.echo(f"Sample it as ddpmkit does (all T = {pipe.diffusion.num_timesteps} steps): "
+               + diffusers_call(pipe).replace("OUT", repr(str(out))))
 
 
 @cli.command("plugins")

@@ -35,6 +35,23 @@ def default_data_root() -> Path:
     return Path(cache) / "ddpmkit" / "datasets"
 
 
+def folder_fingerprint(path: str | os.PathLike) -> str | None:
+    """A digest of every file under ``path`` (relative name, size, modification time): changes when a
+    file is added, removed, replaced or edited. ``None`` if ``path`` is not a folder (or a file's
+    digest of its size and time, if it is a file)."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return None
+    entries = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in entries:
+        st = p.stat()
+        h.update(f"{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _opt_ge1(inst, attribute, value):
     if value is not None and value < 1:
         raise ValueError(f"{attribute.name} must be >= 1, got {value}")
@@ -185,25 +202,51 @@ class FileImageDataset(torch.utils.data.Dataset):
 
         with Image.open(path) as img:
             orig_h = img.size[1]
-            gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+            gray = img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I")
             if self.channels == 3 and gray and not self._told_gray:
                 self._told_gray = True
                 warnings.warn(f"grayscale images (first: {path}) are converted to RGB for a 3-channel model",
                               stacklevel=2)
             if img.format == "JPEG":  # decode at reduced size when the file is much larger (fast)
                 img.draft(img.mode, (self.resolution * 2, self.resolution * 2 + self.crop_bottom))
-            img = img.convert("RGB" if self.channels == 3 else "L")
             if self.crop_bottom:  # in original pixels; draft() may have scaled the image down
                 w, h = img.size
                 img = img.crop((0, 0, w, max(1, h - round(self.crop_bottom * h / orig_h))))
-            x = pil_to_tensor(img)
-        return fit_square(x.unsqueeze(0).float() / 127.5 - 1.0, self.resolution)[0]
+            if img.mode.startswith("I") or img.mode == "F":  # 16-bit integers, 32-bit floats
+                x = wide_gray_to_unit(img, path) * 2 - 1
+                x = x.expand(self.channels, -1, -1)
+            else:
+                x = pil_to_tensor(img.convert("RGB" if self.channels == 3 else "L")).float() / 127.5 - 1.0
+        return fit_square(x.unsqueeze(0), self.resolution)[0]
 
     def __getitem__(self, i: int):
         x = self.load(self.files[i])
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
+
+
+def wide_gray_to_unit(img, path) -> torch.Tensor:
+    """A 16-bit (``I;16*``, or ``I`` holding 16-bit values) or 32-bit float (``F``) grayscale image as
+    ``(1, H, W)`` in [0, 1], scaled by its bit depth (Pillow's own conversion to 8 bits clips at 255,
+    which turns a 16-bit image white). Float images must already lie in [0, 1]."""
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode == "F":
+        if lo < 0 or hi > 1:
+            raise DdpmkitError(f"{path}: a 32-bit float image with values in [{lo:.4g}, {hi:.4g}]; float images "
+                               "must lie in [0, 1] (or save it as 8- or 16-bit)")
+        scale = 1.0
+    elif img.mode.startswith("I;16") or 255 < hi <= 65535:
+        scale = 65535.0
+    elif lo >= 0 and hi <= 255:
+        scale = 255.0
+    else:
+        raise DdpmkitError(f"{path}: a 32-bit integer image with values in [{lo:.0f}, {hi:.0f}]; ddpmkit reads "
+                           "8- and 16-bit images (and float images in [0, 1])")
+    return torch.from_numpy(arr / scale).float().unsqueeze(0)
 
 
 def readable_files(files: Sequence[str], max_bad_fraction: float, what: str) -> list[int]:

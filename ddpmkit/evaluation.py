@@ -91,6 +91,6 @@ def load_image_folder(path: str | Path) -> torch.Tensor:
     if not files:
         raise DdpmkitError(f"--images: no PNG/JPEG/WebP images under '{root}'")
     with Image.open(files[0]) as first:
-        size, gray = min(first.size), first.mode in ("1", "L", "LA", "I", "F")
+        size, gray = min(first.size), first.mode in ("1", "L", "LA", "F") or first.mode.startswith("I")
     ds = build("dataset", "image-folder", {"path": str(root), "resolution": size, "channels": 1 if gray else 3})
     return torch.stack([ds[i][0] for i in range(len(ds))])

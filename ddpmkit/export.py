@@ -34,6 +34,9 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
         raise DdpmkitError(f"'{out}' exists and is not empty; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700: give the mode an ordinary folder gets
     try:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
         if out.exists():
@@ -43,3 +46,9 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def diffusers_call(pipe) -> str:
+    """The ``DDPMPipeline`` call that reproduces ddpmkit's sampling (Algorithm 2 over all T steps;
+    diffusers' default of 1000 steps fails for T < 1000 and strides for T > 1000)."""
+    return f"DDPMPipeline.from_pretrained(OUT)(batch_size=16, num_inference_steps={pipe.diffusion.num_timesteps})"

@@ -21,11 +21,14 @@ only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -37,12 +40,13 @@ from .accel import FastPath, tf32_mode
 from .assembly import assemble, build_loggers, build_many, probe
 from .checkpoint import save_model_file, write_json
 from .config import ComponentSpec, RunConfig, config_to_dict
-from .errors import DdpmkitError
+from .errors import DdpmkitError, Interrupted
 from .evaluation import MetricContext, evaluate_images, probe_metrics
 from .kinds import SECTIONS
 from .pipeline import Pipeline, resolve_device, save_grid
 from .plugins import get_component
 from .progress import make_progress, sample_with_progress
+from .rundir import RunLock, check_new_run_dir, clear_run_files
 from .state import (TrainState, latest_checkpoint, load_optimizer_tensors, load_rng_tensors, optimizer_tensors,
                     prune_checkpoints, read_training_state, rng_tensors, write_training_state)
 
@@ -226,20 +230,27 @@ def resumed_config(run_dir: str | os.PathLike, names: dict[str, str] | None = No
 # ---------------------------------------------------------------------------
 def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.device | None = None,
           progress: bool = True, console: Console | None = None, sample_grid: bool = True,
-          resume: bool = False) -> Pipeline:
+          resume: bool = False, overwrite: bool = False) -> Pipeline:
     """Train ε_θ with Algorithm 1 and write a run directory; returns the trained :class:`Pipeline`.
 
     Args:
         config: what to train (components by name and their options, epochs, batch, lr, seed, ...).
-        run_dir: directory to write; created if missing.
+        run_dir: directory to write; created if missing. A directory that is not empty is refused
+            unless ``resume`` or ``overwrite`` (see ``ddpmkit.rundir``); the run holds a lock on it.
         device: ``None``/``"auto"`` picks CUDA when present, else CPU. Under torchrun each process
             uses ``cuda:LOCAL_RANK`` (or the CPU with the gloo backend).
         progress: show a rich progress bar (epoch, step, loss, images/s, ETA).
         sample_grid: after training, draw ``config.num_samples`` images and save ``samples.png``.
         resume: continue from the newest checkpoint in ``run_dir/checkpoints``; ``config`` must
             agree with the configuration stored in it (only :data:`RESUME_MAY_CHANGE` may differ).
+        overwrite: remove an earlier run's files (``ddpmkit.rundir.RUN_FILES``) from ``run_dir``
+            once everything is checked, and start afresh.
+
+    On SIGTERM or SIGINT the current step finishes, a training-state checkpoint is written and
+    :class:`~ddpmkit.errors.Interrupted` is raised (a second signal stops at once).
     """
     console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
     dist = Dist()
     if dist.enabled and (device is None or str(device) == "auto"):
         device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -248,13 +259,24 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
         torch.cuda.set_device(dev)
     dist.start(dev)
     fast = FastPath.from_run(config).resolve(dev)  # an impossible switch fails here, before anything is built
+    created, lock, trainer = not run_dir.exists(), RunLock(run_dir) if dist.main else None, None
     try:
+        if lock is not None:
+            lock.acquire()
+            if not resume:
+                check_new_run_dir(run_dir, overwrite)
         with tf32_mode(fast.tf32):
             trainer = Trainer(config, run_dir, dev, fast, dist, progress=progress, console=console)
             if resume:
                 trainer.resume()
+            elif overwrite and dist.main:
+                clear_run_files(run_dir)
             return trainer.run(sample_grid=sample_grid)
     finally:
+        if lock is not None:
+            lock.release()
+        if created and dist.main and (trainer is None or not trainer.started):  # failed before it began
+            shutil.rmtree(run_dir, ignore_errors=True)
         dist.stop()
 
 
@@ -289,6 +311,8 @@ class Trainer:
         self.last_saved: int | None = None  # the step of the newest checkpoint this run wrote
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based step of the first non-finite loss
         self.loggers: list = []
+        self.started = False  # the run directory has been written to
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received: stop after the current step
         self.metrics = build_many("metric", config.metrics, config.metric_options, device=device) \
             if config.metrics and dist.main else {}
         if self.metrics:
@@ -501,7 +525,11 @@ class Trainer:
             bar.update(task, completed=self.state.step)
             if c.checkpoint_every and self.state.step % c.checkpoint_every == 0:
                 self.checkpoint()
+            if self.should_stop():
+                break
         del batches
+        if self.stop_signal is not None:
+            self.stop()
         if self.state.batch >= self.steps_per_epoch:
             self.end_of_epoch(epoch, epoch_loss, epoch_n)
 
@@ -510,14 +538,10 @@ class Trainer:
         """Write what a run directory holds from its start (rank 0) and open the loggers."""
         if not self.dist.main:
             return
-        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:  # loggers first: one that breaks the contract leaves no run directory behind
-            self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
-        except BaseException:
-            if created:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
+        # loggers first: one that breaks the contract stops the run before it has started
+        self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
+        self.started = True
         write_json(self.run_dir / "config.json", self.parts.resolved)
         if not (self.run_dir / "forward.png").exists():
             forward_strip(self.parts.diffusion, _images(self.parts.dataset[0]), self.run_dir / "forward.png",
@@ -536,12 +560,52 @@ class Trainer:
                                                     "results": self.evaluate(pipe)})
         return pipe
 
+    # -- stopping on a signal ------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second signal: stop at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """Whether a signal asked to stop; under torchrun every rank agrees at the same step."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal or 0), device=self.dev)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def stop(self) -> None:
+        """Checkpoint the step just finished and raise :class:`Interrupted` with the resume command."""
+        if self.last_saved != self.state.step:
+            self.checkpoint()
+        path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.safetensors"
+        name = signal.Signals(self.stop_signal).name
+        raise Interrupted(f"{name}: stopped at step {self.state.step} of {self.total}; checkpoint {path}. "
+                          f"Continue with: ddpmkit run --resume {self.run_dir}", self.stop_signal)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM and SIGINT stop training after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def run(self, sample_grid: bool = True) -> Pipeline:
         """Train to ``total`` steps, then write the model file (and the grid); returns the Pipeline."""
         self.start()
         self.t0, self.images_seen = time.perf_counter(), 0
         try:
-            with make_progress(self.console, self.progress) as bar:
+            with self._signals(), make_progress(self.console, self.progress) as bar:
                 task = bar.add_task(f"epoch {self.state.epoch + 1}/{self.epochs}", total=self.total,
                                     completed=self.state.step, info="")
                 while self.state.step < self.total:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import ddpmkit
-from ddpmkit.data import default_data_root
+from ddpmkit.data import default_data_root, folder_fingerprint
 from ddpmkit.metrics import InceptionMetric, InceptionOptions, feature_statistics, file_digest, frechet_distance
 
 
@@ -43,7 +43,9 @@ class FID(InceptionMetric):
 
     def reference(self, resolution: int) -> tuple[np.ndarray, np.ndarray, Path]:
         c = self.config
-        key = json.dumps({"dataset": c.dataset, "data_root": c.data_root, "resolution": resolution,
+        root = Path(c.data_root).expanduser().resolve() if c.data_root else None
+        key = json.dumps({"dataset": c.dataset, "data_root": str(root) if root else str(default_data_root().resolve()),
+                          "contents": folder_fingerprint(root) if root else None, "resolution": resolution,
                           "n": c.reference_images, "protocol": c.protocol, "weights": file_digest(c.weights)},
                          sort_keys=True)
         cache = Path(c.cache_dir) if c.cache_dir else default_data_root().parent / "fid-stats"
@@ -54,8 +56,8 @@ class FID(InceptionMetric):
             stats = load_file(str(path))
             return stats["mu"], stats["sigma"], path
         options = {"resolution": resolution, "limit": c.reference_images}
-        if c.data_root:
-            options["data_root"] = c.data_root
+        if root:
+            options["data_root"] = str(root)
         ds = ddpmkit.build("dataset", c.dataset, options)
         x = torch.stack([(item[0] if isinstance(item, (tuple, list)) else item) for item in
                          (ds[i] for i in range(len(ds)))])

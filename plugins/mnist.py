@@ -39,6 +39,16 @@ def _stems(split: str) -> list[str]:
     return [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if it all exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def _writable(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -88,11 +98,14 @@ def make(tv_cls_name: str, label: str, extra_dirs: list[Path]):
         use_root = prepare(tv_cls_name, root, config.split, extra_dirs)
         if use_root is None:
             if config.download:
+                missing = _first_missing(root / tv_cls_name / "raw")
                 try:
                     tv_cls(str(root), train=config.split == "train", download=True)
                     use_root = root
                 except Exception:
                     use_root = None
+                    if missing is not None:  # a failed download leaves no folders behind
+                        shutil.rmtree(missing, ignore_errors=True)
             if use_root is None:
                 names = ", ".join(s + ".gz" for s in _stems(config.split))
                 raise ddpmkit.DdpmkitError(

@@ -79,3 +79,33 @@ def test_contract_catches_a_bad_schedule():
         contract.check_schedule("float32-schedule")
     with pytest.raises(AssertionError, match="expected 10 betas"):
         contract.check_schedule("ignores-T")
+
+
+def test_check_predictor_accepts_a_zero_initialised_last_layer_and_refuses_float64():
+    """A last layer that starts at zero (a standard diffusion choice) still gets a gradient through the
+    check; an answer in float64 for float32 input does not pass."""
+    import torch
+
+    class ZeroLast(torch.nn.Module):
+        def __init__(self, channels, dtype=torch.float32):
+            super().__init__()
+            self.body = torch.nn.Conv2d(channels, 8, 3, padding=1)
+            self.out = torch.nn.Conv2d(8, channels, 3, padding=1)
+            torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
+            self.dtype = dtype
+
+        def forward(self, x, t):
+            return self.out(torch.relu(self.body(x))).to(self.dtype)
+
+    class Plugin:
+        @staticmethod
+        @ddpmkit.hookimpl
+        def register_predictors(register):
+            register("zero-last", lambda *, channels, resolution: ZeroLast(channels))
+            register("zero-last-64", lambda *, channels, resolution: ZeroLast(channels, torch.float64))
+
+    ddpmkit.register_plugin(Plugin(), name="zero")
+    model = contract.check_predictor("zero-last")
+    assert torch.count_nonzero(model.out.weight.grad) > 0
+    with pytest.raises(AssertionError, match=r"returned a float64 tensor .* expected output in the input's dtype"):
+        contract.check_predictor("zero-last-64")

@@ -84,27 +84,26 @@ def test_overwrite_removes_the_earlier_run(tmp_path):
 
 def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(cmd("run", *TINY, "--max-steps", "400", "--checkpoint-every", "5", "--out", str(run)),
+    first = subprocess.Popen(cmd("run", *TINY, "--max-steps", "200", "--checkpoint-every", "5", "--out", str(run)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((run / "checkpoints").glob("step-*.safetensors")):
         time.sleep(0.05)
     lock = json.loads((run / ".ddpmkit.lock").read_text())
     assert lock["pid"] == first.pid
-    second = subprocess.run(cmd("run", *TINY, "--max-steps", "2", "--out", str(run)), capture_output=True, text=True)
-    assert second.returncode == 2
+    second = invoke("run", *TINY, "--max-steps", "2", "--out", str(run))
+    assert second.exit_code == 2
     assert second.stderr.strip().startswith(f"Error: run directory '{run}' is in use by process {first.pid} on ")
-    resume = subprocess.run(cmd("run", "--resume", str(run), "--device", "cpu"), capture_output=True, text=True)
-    assert resume.returncode == 2 and "is in use by process" in resume.stderr
+    resume = invoke("run", "--resume", str(run), "--device", "cpu")
+    assert resume.exit_code == 2 and "is in use by process" in resume.stderr
     # while it writes, sample reads the newest complete checkpoint
     r = invoke("sample", str(run), "-n", "1", "--out", str(tmp_path / "mid.png"), "--no-progress")
     assert r.exit_code == 0, r.output
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert (run / ".ddpmkit.lock").exists()  # a SIGKILL leaves the file behind ...
-    r = subprocess.run(cmd("run", "--resume", str(run), "--max-steps", "12", "--no-progress", "--device", "cpu"),
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr  # ... and the next run takes it over
+    r = invoke("run", "--resume", str(run), "--max-steps", "12", "--no-progress", "--device", "cpu")
+    assert r.exit_code == 0, r.output  # ... and the next run takes it over
     assert f"was locked by process {first.pid}" in r.stderr and "taking the lock over" in r.stderr
     assert not (run / ".ddpmkit.lock").exists()
 
@@ -143,9 +142,8 @@ def test_a_signal_checkpoints_and_resume_is_bitwise(tmp_path, uninterrupted, sig
                     f"Continue with: ddpmkit run --resume {cut}")
     assert 20 <= step < 40 and step % 16 != 0  # mid-epoch, not an epoch checkpoint
     assert step <= max(logged) + 2  # at most the step in flight is lost (logs lag a step behind the poll)
-    r = subprocess.run(cmd("run", "--resume", str(cut), "--no-progress", "--device", "cpu"), capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stderr
+    r = invoke("run", "--resume", str(cut), "--no-progress", "--device", "cpu")
+    assert r.exit_code == 0, r.output
     resumed = load_file(str(cut / "model.safetensors"))
     assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
@@ -231,28 +229,69 @@ def _folder(path, seed, n=6):
 
 
 def test_fid_statistics_follow_the_reference_folder(tmp_path, monkeypatch):
-    opts = {"dataset": "image-folder", "reference_images": 6, "pretrained": False, "cache_dir": str(tmp_path / "c"),
-            "batch_size": 6}
-    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    """The cached real statistics are those of the folder as it is now: keyed on its resolved path and
+    its contents, not on `data_root` as typed (the cache's own file is compared with a fresh computation)."""
+    import attrs
 
-    def fid(data_root, cache=True):
-        o = {**opts, "data_root": data_root} if cache else {**opts, "data_root": data_root,
-                                                            "cache_dir": str(tmp_path / f"fresh{time.time_ns()}")}
-        torch.manual_seed(0)  # the random-weight Inception: the same network every time
-        return ddpmkit.build("metric", "fid", o, device="cpu")(images)["fid"]
+    torch.manual_seed(0)  # a random-weight Inception, built once
+    metric = ddpmkit.build("metric", "fid", {"dataset": "image-folder", "reference_images": 6, "pretrained": False,
+                                             "cache_dir": str(tmp_path / "cache"), "batch_size": 6}, device="cpu")
+
+    def mu(data_root, cache_dir=None):
+        metric.config = attrs.evolve(metric.config, data_root=data_root,
+                                     cache_dir=cache_dir or str(tmp_path / "cache"))
+        return torch.from_numpy(metric.reference(16)[0])
 
     one, two = tmp_path / "a", tmp_path / "b"
     _folder(one / "ref", 1)
     _folder(two / "ref", 2)
     monkeypatch.chdir(one)
-    first = fid("ref")
+    first = mu("ref")
     monkeypatch.chdir(two)
-    assert fid("ref") == pytest.approx(fid("ref", cache=False)) != pytest.approx(first)  # not a's statistics
+    cached, fresh = mu("ref"), mu("ref", str(tmp_path / "fresh-1"))
+    assert torch.equal(cached, fresh) and not torch.allclose(cached, first)  # not a's statistics
     _folder(two / "ref", 3)  # replace the images
-    assert fid("ref") == pytest.approx(fid("ref", cache=False))
+    cached, fresh = mu("ref"), mu("ref", str(tmp_path / "fresh-2"))
+    assert torch.equal(cached, fresh)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
 
 
 def test_export_prints_the_call_that_reproduces_sampling(tmp_path, finished):
     r = invoke("export", str(finished), str(tmp_path / "out"))
     assert r.exit_code == 0
     assert "num_inference_steps=20)" in r.stdout.splitlines()[-1]
+
+
+SLOW_RUN = """
+import sys, time, torch, ddpmkit
+from ddpmkit.cli import main
+
+class Slow:
+    @staticmethod
+    @ddpmkit.hookimpl
+    def register_losses(register):
+        def loss(p, t, reduction="mean"):
+            if torch.is_grad_enabled() and p.shape[0] > 2:  # training steps (not the probe): one a second
+                print("step", flush=True)
+                time.sleep(1.0)
+            return torch.nn.functional.mse_loss(p, t, reduction=reduction)
+        register("slow", lambda: loss)
+
+ddpmkit.register_plugin(Slow(), name="slow")
+sys.argv = ["ddpmkit", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), "run", *TINY, "--loss", "slow", "--max-steps", "30",
+                             "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "step"  # inside the first (slow) step
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM  # killed by the second signal, before the step ended
+    assert "stopped at step" not in err and not (tmp_path / "run" / "checkpoints").exists()

@@ -1,6 +1,7 @@
 """The shape of the core: short functions, imports that point down, one table of kinds."""
 
 import ast
+import functools
 from pathlib import Path
 
 import ddpmkit
@@ -8,6 +9,7 @@ import ddpmkit
 CORE = Path(ddpmkit.__file__).parent
 
 
+@functools.lru_cache(maxsize=1)
 def modules():
     return {p.stem: ast.parse(p.read_text()) for p in CORE.glob("*.py")}
 

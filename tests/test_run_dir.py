@@ -295,3 +295,24 @@ def test_a_second_signal_stops_at_once(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM  # killed by the second signal, before the step ended
     assert "stopped at step" not in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
+    """Only rank 0 gets the SIGTERM; the ranks agree on the step (rank 1 would otherwise train on and
+    hang in its next all-reduce), rank 0 writes the one checkpoint, both say where it is."""
+    import re
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "ddpmkit", "run", *TINY, "--max-steps", "80", "--checkpoint-every", "1000",
+                             "--log-every", "1", "--out", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                          and (run / "metrics.jsonl").read_text().count('"loss"') >= 3):
+        time.sleep(0.05)
+    os.kill(json.loads((run / ".ddpmkit.lock").read_text())["pid"], signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    steps = re.findall(r"SIGTERM: stopped at step (\d+) of 80;", err)
+    assert len(steps) == 2 and steps[0] == steps[1], err[:3000]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{int(steps[0]):08d}.safetensors"]

@@ -37,8 +37,6 @@ def contents(run_dir: Path) -> list[str]:
 
 def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A new run may use ``run_dir`` if it is missing or empty, or with ``overwrite``."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DdpmkitError(f"'{run_dir}' is a file, not a run directory; choose another --out")
     found = contents(run_dir)
     if found and not overwrite:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
@@ -91,6 +89,8 @@ class RunLock:
                            f"or choose another --out{extra}")
 
     def acquire(self) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise DdpmkitError(f"'{self.run_dir}' is a file, not a run directory; choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

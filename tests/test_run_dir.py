@@ -58,6 +58,12 @@ def test_a_finished_run_is_not_overwritten(finished):
     assert after == before  # model, config, checkpoints and logs untouched
 
 
+def test_a_file_is_not_a_run_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = invoke("run", *TINY, "--out", str(tmp_path / "f"))
+    assert r.exit_code == 2 and r.stderr.strip() == f"Error: '{tmp_path / 'f'}' is a file, not a run directory; choose another --out"
+
+
 def test_a_typo_writes_nothing(tmp_path, finished):
     config = md5(finished / "config.json")
     r = invoke("run", *TINY, "--metric", "digit-scroe", "--out", str(tmp_path / "new"))

@@ -24,13 +24,19 @@ from .kinds import SECTIONS
 from .plugins import Component, get_component
 
 
+def _names(value):
+    return None if value is None else tuple(str(v) for v in value)
+
+
 @attrs.frozen
 class DataShape:
-    """What the predictor is built for: image channels, side, and class count (conditional runs)."""
+    """What the predictor is built for: image channels, side, and for class-conditional runs the
+    class count K and the class names (label K is "no class", for classifier-free guidance)."""
 
     channels: int
     resolution: int
     num_classes: int | None = None
+    classes: tuple[str, ...] | None = attrs.field(default=None, converter=_names)
 
 
 def component(config: RunConfig, kind: str) -> Component:
@@ -59,6 +65,9 @@ def build_dataset(config: RunConfig) -> tuple[Any, Any, DataShape]:
         if not labelled or not num_classes:
             raise DdpmkitError(f"{comp.label()} has no class labels (items (image, label) and a `classes` or "
                                "`num_classes` attribute), which a class-conditional run needs")
+        names = getattr(dataset, "classes", None)
+        return dataset, cfg, DataShape(channels, resolution, num_classes,
+                                       names if names is not None and len(names) == num_classes else None)
     return dataset, cfg, DataShape(channels, resolution, num_classes)
 
 
@@ -190,7 +199,10 @@ def probe(parts, device: torch.device) -> None:
         b = x0.shape[0]
         conditions = {}
         if cfg.class_conditional:
-            conditions["class_labels"] = torch.tensor([int(it[1]) for it in items], device=device)
+            labels = [int(it[1]) for it in items]
+            if cfg.label_dropout:  # the "no class" label K must be accepted too
+                labels[-1] = parts.shape.num_classes
+            conditions["class_labels"] = torch.tensor(labels, device=device)
         t = torch.randint(0, parts.diffusion.num_timesteps, (b,), generator=g).to(device)
         probe_predictor(component(cfg, "predictor"), parts.model, x0, t, conditions)
         ts_comp = component(cfg, "timestep_sampler")

@@ -110,7 +110,7 @@ def _parse_sets(sets: tuple[str, ...], allowed: tuple[str, ...] = KINDS, command
 RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
               "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "grad_accum", "grad_clip",
               "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
-              "eval_samples", "class_conditional")
+              "eval_samples", "class_conditional", "label_dropout")
 
 
 def _run_request(opts: dict) -> tuple[dict, dict, dict]:
@@ -194,6 +194,9 @@ def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: d
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
 @click.option("--class-conditional/--unconditional", "class_conditional", default=None,
               help="Give the predictor the dataset's class labels (class_labels=).")
+@click.option("--label-dropout", type=float, default=None,
+              help="With --class-conditional: replace a label by 'no class' with this probability (e.g. 0.1), "
+                   "so one network learns p(x|y) and p(x) for classifier-free guidance.")
 @click.option("--workers", "num_workers", type=int, default=None,
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
@@ -256,12 +259,15 @@ def run(**opts):
 @click.option("--sampler", default=None, help="Sampler by name (default: the run's, ddpm).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (ddim: up to T).")
 @click.option("--set", "sets", multiple=True, metavar="sampler.OPTION=VALUE", help="Sampler option, e.g. sampler.eta=0.5.")
-@click.option("--label", type=int, default=None,
-              help="Class of every image (class-conditional models; default: every class in turn).")
+@click.option("--class", "classes", multiple=True, metavar="CLASS[,CLASS...]",
+              help="Classes to draw (index or name; repeatable; class-conditional models; default: every class, "
+                   "in equal blocks).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance weight W (0: unconditional, 1: conditional (default), > 1: guided).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @fast_options
-def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, label, device, no_progress, fast):
+def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, guidance, device, no_progress, fast):
     """Draw images from a CHECKPOINT (a run directory, its model.safetensors or a checkpoints/step-*
     training-state file) with Algorithm 2."""
     from .pipeline import load_checkpoint, save_grid
@@ -282,7 +288,8 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, label, de
         options.pop("steps")
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
-                                  class_labels=label)
+                                  class_labels=[c.strip() for item in classes for c in item.split(",") if c.strip()]
+                                  or None, guidance=guidance)
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
 

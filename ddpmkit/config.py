@@ -151,6 +151,8 @@ class RunConfig:
     sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("ddpm"))
     timestep_sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("uniform"))
     class_conditional: bool = False  # feed the dataset's labels to the predictor (class_labels=)
+    # With this probability a label is replaced by the "no class" label K (classifier-free guidance)
+    label_dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
     prediction: str = attrs.field(default="epsilon", validator=attrs.validators.in_(("epsilon", "x0", "v")))
     min_snr_gamma: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0)))
     epochs: int = attrs.field(default=1, validator=_positive)

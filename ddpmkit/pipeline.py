@@ -42,34 +42,61 @@ class Pipeline:
         model: the predictor (``torch.nn.Module``), in eval mode for sampling.
         diffusion: the :class:`~ddpmkit.diffusion.GaussianDiffusion`.
         channels, resolution: image shape the model works on.
-        num_classes: classes of a class-conditional model (``None``: unconditional).
+        num_classes: classes of a class-conditional model, K (``None``: unconditional); the label K
+            means "no class" (what classifier-free guidance's unconditional half uses).
+        classes: their names, when the dataset gave them.
         config: the :class:`~ddpmkit.config.RunConfig` it was built from.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, channels: int, resolution: int,
                  config: RunConfig, device: torch.device, resolved: dict[str, Any] | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, classes: tuple[str, ...] | None = None):
         self.model, self.diffusion = model, diffusion
-        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        self.channels, self.resolution, self.num_classes, self.classes = channels, resolution, num_classes, classes
         self.config, self.device, self.resolved = config, device, resolved or {}
 
-    def class_labels(self, n: int, labels: torch.Tensor | int | None = None) -> torch.Tensor | None:
-        """The labels of ``n`` images for a class-conditional model: ``labels`` (one int, or ``(n,)``),
-        default 0, 1, ..., K−1, 0, 1, ... so a grid shows every class; ``None`` when unconditional."""
+    def class_index(self, value) -> int:
+        """A class by index or by name (``"7"``, ``7``, ``"cat"``) → its index; unknown → one line."""
+        names = list(self.classes or [])
+        if isinstance(value, str) and value in names:
+            return names.index(value)
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < (self.num_classes or 0):
+            listing = f"; classes: {', '.join(names)}" if names else ""
+            raise DdpmkitError(f"unknown class {value!r}: give an index in 0..{(self.num_classes or 1) - 1} "
+                               f"or a name{listing}")
+        return index
+
+    def class_labels(self, n: int, labels=None) -> torch.Tensor | None:
+        """The labels of ``n`` images for a class-conditional model: ``labels`` (one class, or a list
+        of classes by index or name, each taking an equal block of the images), default every class
+        in equal blocks (0, 0, ..., 1, 1, ...); ``None`` when unconditional."""
         if self.num_classes is None:
             if labels is not None:
                 raise DdpmkitError("this model is not class-conditional; it takes no class labels")
             return None
-        y = torch.arange(n) % self.num_classes if labels is None else torch.as_tensor(labels).long().expand(n).clone()
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise DdpmkitError(f"class labels must lie in 0..{self.num_classes - 1}, got {y.tolist()[:8]}")
-        return y
+        if isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.numel() == n:
+            wanted = [int(v) for v in labels]
+            return torch.tensor([self.class_index(v) for v in wanted], dtype=torch.long)
+        if labels is None:
+            wanted = list(range(self.num_classes))
+        elif isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.ndim == 1):
+            wanted = [self.class_index(v if not isinstance(v, torch.Tensor) else int(v)) for v in labels]
+        else:
+            wanted = [self.class_index(labels if not isinstance(labels, torch.Tensor) else int(labels))]
+        if not wanted:
+            raise DdpmkitError("no class given")
+        blocks = torch.arange(n) * len(wanted) // n
+        return torch.tensor(wanted, dtype=torch.long)[blocks]
 
     @torch.inference_mode()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256,
                progress: Callable[[int, int], None] | None = None, sampler: str | None = None,
                sampler_options: dict[str, Any] | None = None, fast: FastPath | None = None,
-               class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+               class_labels=None, guidance: float | None = None) -> torch.Tensor:
         """``n`` images in [-1, 1], shape ``(n, C, H, W)``, on CPU.
 
         Args:
@@ -82,8 +109,11 @@ class Pipeline:
             fast: how the network runs (:class:`~ddpmkit.accel.FastPath`); default the run's
                 settings, which mean bf16 autocast, channels-last, TF32 and CUDA graphs on CUDA and
                 plain fp32 on the CPU.
-            class_labels: for a class-conditional model, one class or one per image; default every
-                class in turn (see :meth:`class_labels`).
+            class_labels: for a class-conditional model, one class, a list of classes (indices or
+                names) or one label per image; default every class (see :meth:`class_labels`).
+            guidance: classifier-free guidance weight W: ε = ε(x, ∅) + W·(ε(x, y) − ε(x, ∅)), one batched
+                forward pass for both halves; W = 1 is plain conditional sampling and W = 0 the "no
+                class" label, each exactly (one pass). Default 1. Works with every sampler.
         """
         if n < 1:
             raise DdpmkitError(f"number of samples must be >= 1, got {n}")
@@ -93,6 +123,7 @@ class Pipeline:
         else:
             opts = dict(sampler_options or {})
         labels = self.class_labels(n, class_labels)
+        w = _guidance_weight(guidance, labels is not None)
         sampler_obj, _ = build_sampler(sampler, opts, self.diffusion)
         fast = FastPath.from_run(self.config) if fast is None else fast
         was_training = self.model.training
@@ -108,7 +139,8 @@ class Pipeline:
                     model = stack.enter_context(accelerated(self.model, fast, self.device))
                 for b_i, b in enumerate(batches):
                     cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
-                    net = model if labels is None else _conditioned(model, labels[b_i * batch_size:][:b].to(self.device))
+                    net = model if labels is None else \
+                        _guided(model, labels[b_i * batch_size:][:b].to(self.device), self.num_classes, w)
                     x = sampler_obj.sample(net, (b, self.channels, self.resolution, self.resolution),
                                            generator=gen, device=self.device, progress=cb)
                     out.append(x.float().clamp(-1, 1).cpu())
@@ -120,6 +152,36 @@ class Pipeline:
 def _conditioned(model, class_labels: torch.Tensor):
     """The network as samplers call it, ``net(x_t, t)``, with the batch's class labels added."""
     return lambda x, t: model(x, t, class_labels=class_labels)
+
+
+def _guidance_weight(guidance: float | None, conditional: bool) -> float:
+    if guidance is None:
+        return 1.0
+    if not conditional:
+        raise DdpmkitError("guidance needs a class-conditional model (train with --class-conditional)")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise DdpmkitError(f"guidance must be a number >= 0 (0: unconditional, 1: conditional), got {guidance}")
+    return float(guidance)
+
+
+def _guided(model, y: torch.Tensor, null: int, w: float):
+    """Classifier-free guidance (Ho & Salimans 2022) around the network, so every sampler gets it
+    without knowing: ``net(x_t, t) = out(x_t, ∅) + w · (out(x_t, y) − out(x_t, ∅))`` from one forward
+    pass over both halves; a learned variance is taken from the conditional half."""
+    if w == 1.0:
+        return _conditioned(model, y)
+    if w == 0.0:
+        return _conditioned(model, torch.full_like(y, null))
+    both = torch.cat([y, torch.full_like(y, null)])
+
+    def net(x, t):
+        out = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both)
+        cond, uncond = out.chunk(2)
+        c = x.shape[1]
+        guided = uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c])
+        return guided if out.shape[1] == c else torch.cat([guided, cond[:, c:]], dim=1)
+
+    return net
 
 
 def _weights(file, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -163,7 +225,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     model.load_state_dict(tensors)
     model.to(dev).eval()
     return Pipeline(model, diffusion, shape.channels, shape.resolution, config, dev, file.config,
-                    num_classes=shape.num_classes)
+                    num_classes=shape.num_classes, classes=shape.classes)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,

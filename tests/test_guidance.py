@@ -1,0 +1,98 @@
+"""Classifier-free guidance and label dropout (progress on the conditional issue)."""
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ddpmkit
+from ddpmkit.cli import cli
+from ddpmkit.pipeline import Pipeline
+
+TINY = ["--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
+        "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
+        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
+        "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--class-conditional"]
+
+
+class Fake(torch.nn.Module):
+    """Elementwise in x, so a batched pass equals separate passes exactly: ε = tanh(x)·(1 + y/10) + t/100."""
+
+    conditions = ("class_labels",)
+
+    def forward(self, x, t, class_labels):
+        y = class_labels.to(x.dtype).view(-1, 1, 1, 1)
+        return torch.tanh(x) * (1 + y / 10) + t.to(x.dtype).view(-1, 1, 1, 1) / 100
+
+
+def pipeline(sampler="ddpm"):
+    d = ddpmkit.GaussianDiffusion(torch.linspace(1e-4, 0.2, 20, dtype=torch.float64))
+    cfg = ddpmkit.RunConfig()
+    cfg.sampler = ddpmkit.ComponentSpec(sampler, {"steps": 5} if sampler == "ddim" else {})
+    return Pipeline(Fake(), d, 1, 4, cfg, torch.device("cpu"), num_classes=10)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_arithmetic(sampler):
+    pipe, fake = pipeline(sampler), Fake()
+    conditional = pipe.sample(4, seed=1, class_labels=3)
+    assert torch.equal(pipe.sample(4, seed=1, class_labels=3, guidance=1.0), conditional)  # W = 1: exactly
+    unconditional = pipe.sample(4, seed=1, class_labels=3, guidance=0.0)
+    by_hand_null = _by_hand(pipe, lambda x, t: fake(x, t, torch.full((4,), 10)))
+    assert torch.equal(unconditional, by_hand_null)  # W = 0: the "no class" label K = 10
+    guided = pipe.sample(4, seed=1, class_labels=3, guidance=3.0)
+    y, n = torch.full((4,), 3), torch.full((4,), 10)
+    by_hand = _by_hand(pipe, lambda x, t: fake(x, t, n) + 3.0 * (fake(x, t, y) - fake(x, t, n)))
+    torch.testing.assert_close(guided, by_hand, rtol=0, atol=1e-6)
+    assert (guided - conditional).abs().max() > 1e-3
+
+
+def _by_hand(pipe, net):
+    sampler, _ = ddpmkit.assembly.build_sampler(pipe.config.sampler.name, pipe.config.sampler.options, pipe.diffusion)
+    out = sampler.sample(net, (4, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    return out.float().clamp(-1, 1)
+
+
+def test_bad_guidance_and_classes_are_one_line(tmp_path):
+    pipe = pipeline()
+    for kwargs, message in [({"guidance": -1.0}, "guidance must be a number >= 0"),
+                            ({"guidance": float("nan")}, "guidance must be a number >= 0"),
+                            ({"class_labels": "cat"}, "unknown class 'cat'")]:
+        with pytest.raises(ddpmkit.DdpmkitError, match=message):
+            pipe.sample(2, **kwargs)
+    pipe.num_classes = None
+    with pytest.raises(ddpmkit.DdpmkitError, match="guidance needs a class-conditional model"):
+        pipe.sample(2, guidance=2.0)
+
+
+def test_label_dropout_rate_and_resume(tmp_path):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", *TINY, "--label-dropout", "0.3", "--max-steps", "4", "--checkpoint-every", "2",
+                                 "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    # the rate, over 3,200 draws from a trainer's own generator
+    config = ddpmkit.load_checkpoint(run).config
+    from ddpmkit.training import Dist, Trainer
+
+    trainer = Trainer(config, tmp_path / "unused", torch.device("cpu"), ddpmkit.FastPath.eager(), Dist(),
+                      progress=False)
+    y = torch.zeros(16, dtype=torch.long)
+    dropped = sum(int((trainer.labels(y) == 10).sum()) for _ in range(200))
+    assert abs(dropped - 960) < 4 * (3200 * 0.3 * 0.7) ** 0.5, dropped  # binomial: 960 ± 4σ (σ = 25.9)
+    # resumed from step 2, the run ends with the same weights bit for bit (the draws are checkpointed)
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    (again / "checkpoints" / "step-00000004.safetensors").unlink()
+    (again / "model.safetensors").unlink()
+    r = CliRunner().invoke(cli, ["run", "--resume", str(again), "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,seven", "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "unknown class 'seven'" in r.stderr
+    r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,7", "--guidance", "2",
+                                 "--out", str(tmp_path / "g.png"), "--no-progress"])
+    assert r.exit_code == 0, r.output

@@ -164,7 +164,7 @@ def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: d
 
 
 @cli.command()
-@click.option("--preset", default=None, help="Start from a preset: laptop (default), mnist, aircraft (the seed's Table 1).")
+@click.option("--preset", default=None, help="Start from a preset: laptop (default), laptop-cond (class-conditional), mnist, aircraft (the seed's Table 1).")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
               help="Where the dataset lives or is downloaded to (datasets with a data_root option; "
                    "default ~/.cache/ddpmkit/datasets).")
@@ -288,8 +288,7 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
         options.pop("steps")
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
-                                  class_labels=[c.strip() for item in classes for c in item.split(",") if c.strip()]
-                                  or None, guidance=guidance)
+                                  class_labels=_class_list(classes), guidance=guidance)
     save_grid(images, out)
     click.echo(f"Wrote {n} samples to {out}")
 
@@ -307,11 +306,14 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
 @click.option("--set", "sets", multiple=True, metavar="metric.OPTION=VALUE",
               help="Metric or sampler option, e.g. metric.splits=10, metric.weights=inception.safetensors.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--class", "classes", multiple=True, metavar="CLASS[,CLASS...]",
+              help="Classes to draw from a class-conditional CHECKPOINT (default: every class, in equal blocks).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance weight W (default 1).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @fast_options
-def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, device,
-             no_progress, fast):
+def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, classes,
+             guidance, device, no_progress, fast):
     """Score samples from a CHECKPOINT (sampling -n images first) or a folder (--images DIR)."""
     from .assembly import build_many
     from .checkpoint import write_json
@@ -327,7 +329,7 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
         sampler_opts["steps"] = steps
     dev = resolve_device(device)
     metrics = build_many("metric", metric_names, metric_opts, device=dev)
-    pipe = None
+    pipe = labels = None
     if images_dir is not None:
         images = load_image_folder(images_dir)
         source = {"images": str(images_dir), "count": images.shape[0]}
@@ -335,17 +337,25 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
         if n < 1:
             raise DdpmkitError(f"-n must be >= 1, got {n}")
         pipe = load_checkpoint(checkpoint, device=dev)
+        wanted = _class_list(classes)
+        labels = pipe.class_labels(n, wanted)
         images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                       sampler=sampler, sampler_options=sampler_opts or None,
-                                      fast=_fast_path(pipe, fast))
-        source = {"checkpoint": str(checkpoint), "count": n, "seed": seed,
+                                      fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)
+        source = {"checkpoint": str(checkpoint), "count": n, "seed": seed, "guidance": guidance, "classes": wanted,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
     with make_progress(err_console, not no_progress) as bar:
-        results = evaluate_images(images, metrics, bar=bar, context=MetricContext(pipeline=pipe, seed=seed))
+        results = evaluate_images(images, metrics, bar=bar,
+                                  context=MetricContext(pipeline=pipe, seed=seed, labels=labels))
     for key, value in results.items():
         click.echo(f"{key}: {value:.6g}")
     if json_out:
         write_json(json_out, {"results": results, "metrics": list(metric_names), "options": metric_opts, **source})
+
+
+def _class_list(classes: tuple[str, ...]) -> list[str] | None:
+    """``--class 3 --class 7,cat`` → ``["3", "7", "cat"]`` (None when not given)."""
+    return [c.strip() for item in classes for c in item.split(",") if c.strip()] or None
 
 
 def _fast_path(pipe, flags):

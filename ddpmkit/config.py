@@ -214,6 +214,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 22, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
         "clip_sample": True, "num_samples": 64,
     },
+    # laptop, class-conditional with label dropout 0.1 (classifier-free guidance at sampling)
+    "laptop-cond": {
+        "schedule": {"name": "linear", "options": {"timesteps": 1000}},
+        "predictor": {"name": "unet2d", "options": {"block_out_channels": (32, 64, 64),
+                                                      "attention_resolutions": (8,),
+                                                      "layers_per_block": 1, "norm_num_groups": 8}},
+        "loss": {"name": "smoothl1"},
+        "dataset": {"name": "mnist-5k", "options": {"resolution": 16}},
+        "epochs": 22, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995,
+        "clip_sample": True, "num_samples": 100, "class_conditional": True, "label_dropout": 0.1,
+    },
     "mnist": {
         "schedule": {"name": "linear", "options": {"timesteps": 300, "beta_start": 1e-4, "beta_end": 0.02}},
         "predictor": {"name": "unet2d", "options": {"dropout": 0.01}},

@@ -24,11 +24,13 @@ class MetricContext:
         ``None`` when only images are evaluated (``ddpmkit evaluate --images``).
     dataset: the run's training dataset (items ``(image, label)`` in [-1, 1]), or ``None``.
     seed: the run's seed, for metrics that draw their own samples.
+    labels: for images drawn from a class-conditional model, the class each was asked for.
     """
 
     pipeline: Any = None
     dataset: Any = None
     seed: int = 0
+    labels: Any = None  # the class of each image a class-conditional model was asked for ((N,) long), or None
 
 
 def _takes(fn, name: str) -> bool:

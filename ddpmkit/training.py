@@ -514,8 +514,10 @@ class Trainer:
             self.evaluate(self.sampling_pipeline())
 
     def evaluate(self, pipe: Pipeline) -> dict[str, float]:
-        images = pipe.sample(self.config.eval_samples, seed=self.config.seed)
-        results = evaluate_images(images, self.metrics, context=self.metric_context(pipe))
+        n = self.config.eval_samples
+        images = pipe.sample(n, seed=self.config.seed)
+        context = attrs.evolve(self.metric_context(pipe), labels=pipe.class_labels(n))
+        results = evaluate_images(images, self.metrics, context=context)
         self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results})
         return results
 

@@ -113,19 +113,28 @@ class DigitScore:
         self.model = load_classifier(config.cache_dir)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, progress=None) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:
+        """The scores; with ``context.labels`` (the classes a conditional model was asked for, 0..9)
+        also ``digit_conditional_accuracy``: the share classified as the class asked for."""
         images = check_images(images, self.config.splits, "digit-score images")
         logits = torch.cat([self.model(to_input(images[i:i + 512])) for i in range(0, len(images), 512)])
         p = logits.double().softmax(1)
         conf = p.max(1).values
         q = torch.bincount(p.argmax(1), minlength=10).double() / len(p)  # share of each predicted digit
         entropy = -(q * q.clamp_min(1e-12).log()).sum()
-        return {
+        scores = {
             "digit_is": inception_score(logits, self.config.splits)[0],
             "digit_confidence": float(conf.mean()),
             "digit_clear_fraction": float((conf > self.config.threshold).double().mean()),
             "digit_classes_effective": float(entropy.exp()),  # 10 when every digit is as frequent
         }
+        labels = getattr(context, "labels", None)
+        if labels is not None:
+            labels = torch.as_tensor(labels).long().cpu()
+            if labels.shape != (len(images),):
+                raise ddpmkit.DdpmkitError(f"digit-score: {labels.numel()} labels for {len(images)} images")
+            scores["digit_conditional_accuracy"] = float((p.argmax(1) == labels).double().mean())
+        return scores
 
 
 @ddpmkit.hookimpl

@@ -96,3 +96,10 @@ def test_label_dropout_rate_and_resume(tmp_path):
     r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,7", "--guidance", "2",
                                  "--out", str(tmp_path / "g.png"), "--no-progress"])
     assert r.exit_code == 0, r.output
+
+
+def test_laptop_cond_preset_is_the_laptop_run_made_conditional():
+    laptop, cond = ddpmkit.preset_config("laptop"), ddpmkit.preset_config("laptop-cond")
+    assert cond.class_conditional and cond.label_dropout == 0.1 and not laptop.class_conditional
+    differ = {k for k, v in cond.to_dict().items() if laptop.to_dict()[k] != v}
+    assert differ == {"class_conditional", "label_dropout", "num_samples", "preset"}

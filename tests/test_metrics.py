@@ -291,3 +291,30 @@ def test_evaluate_cli_and_metrics_in_a_run(tmp_path, tiny_args, digit_cache):
     r = runner.invoke(cli, ["evaluate", "--images", str(folder), "--metric", "digit-score", "--set", "schedule.x=1"])
     assert r.exit_code == 2 and r.stderr.strip() == ("Error: ddpmkit evaluate only takes --set metric.OPTION=VALUE "
                                                      "or sampler.OPTION=VALUE")
+
+
+def test_digit_score_conditional_accuracy(digit_cache, tmp_path):
+    """With the classes that were asked for, digit-score reports the share classified as that class."""
+    from ddpmkit.evaluation import MetricContext
+
+    metric = ddpmkit.build("metric", "digit-score", {"cache_dir": digit_cache}, device="cpu")
+    ds = ddpmkit.build("dataset", "mnist-5k")
+    images, labels = ds.images[::10], ds.labels[::10]
+    right = metric(images, context=MetricContext(labels=labels))["digit_conditional_accuracy"]
+    wrong = metric(images, context=MetricContext(labels=(labels + 1) % 10))["digit_conditional_accuracy"]
+    assert right > 0.95 and wrong < 0.05
+    assert "digit_conditional_accuracy" not in metric(images)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", "--set", "dataset.limit=64", "--set", "dataset.resolution=16",
+                                 "--set", "schedule.timesteps=10", "--set", "predictor.block_out_channels=8,16",
+                                 "--set", "predictor.norm_num_groups=4", "--set", "predictor.attention_resolutions=8",
+                                 "--batch-size", "16", "--max-steps", "2", "--samples", "2", "--no-progress",
+                                 "--device", "cpu", "--class-conditional", "--label-dropout", "0.1", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--metric", "digit-score", "-n", "10", "--class", "3",
+                                 "--guidance", "2", "--set", f"metric.cache_dir={digit_cache}", "--no-progress",
+                                 "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["classes"] == ["3"] and saved["guidance"] == 2.0
+    assert 0 <= saved["results"]["digit_conditional_accuracy"] <= 1

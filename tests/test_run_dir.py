@@ -60,8 +60,9 @@ def test_a_finished_run_is_not_overwritten(finished):
 
 def test_a_file_is_not_a_run_directory(tmp_path):
     (tmp_path / "f").write_text("x")
-    r = invoke("run", *TINY, "--out", str(tmp_path / "f"))
-    assert r.exit_code == 2 and r.stderr.strip() == f"Error: '{tmp_path / 'f'}' is a file, not a run directory; choose another --out"
+    with pytest.raises(ddpmkit.DdpmkitError, match="f' is a file, not a run directory; choose another --out"):
+        ddpmkit.train(ddpmkit.preset_config("laptop"), tmp_path / "f", device="cpu", progress=False)
+    assert (tmp_path / "f").read_text() == "x"
 
 
 def test_a_typo_writes_nothing(tmp_path, finished):

@@ -115,7 +115,8 @@ class DigitScore:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:
         """The scores; with ``context.labels`` (the classes a conditional model was asked for, 0..9)
-        also ``digit_conditional_accuracy``: the share classified as the class asked for."""
+        also ``digit_conditional_accuracy``, the share classified as the class asked for, and
+        ``digit_is_class_K``, the classifier IS within the images asked to be class K."""
         images = check_images(images, self.config.splits, "digit-score images")
         logits = torch.cat([self.model(to_input(images[i:i + 512])) for i in range(0, len(images), 512)])
         p = logits.double().softmax(1)
@@ -134,6 +135,8 @@ class DigitScore:
             if labels.shape != (len(images),):
                 raise ddpmkit.DdpmkitError(f"digit-score: {labels.numel()} labels for {len(images)} images")
             scores["digit_conditional_accuracy"] = float((p.argmax(1) == labels).double().mean())
+            for k in labels.unique().tolist():  # within one class: IS near 1 when the class is clean
+                scores[f"digit_is_class_{k}"] = inception_score(logits[labels == k], 1)[0]
         return scores
 
 

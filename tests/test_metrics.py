@@ -303,6 +303,9 @@ def test_digit_score_conditional_accuracy(digit_cache, tmp_path):
     right = metric(images, context=MetricContext(labels=labels))["digit_conditional_accuracy"]
     wrong = metric(images, context=MetricContext(labels=(labels + 1) % 10))["digit_conditional_accuracy"]
     assert right > 0.95 and wrong < 0.05
+    scores = metric(images, context=MetricContext(labels=labels))
+    assert sorted(k for k in scores if k.startswith("digit_is_class_")) == [f"digit_is_class_{k}" for k in range(10)]
+    assert all(scores[f"digit_is_class_{k}"] < 1.5 for k in range(10))  # one clean class each: IS near 1
     assert "digit_conditional_accuracy" not in metric(images)
     run = tmp_path / "run"
     r = CliRunner().invoke(cli, ["run", "--set", "dataset.limit=64", "--set", "dataset.resolution=16",

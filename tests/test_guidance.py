@@ -96,6 +96,17 @@ def test_label_dropout_rate_and_resume(tmp_path):
     r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,7", "--guidance", "2",
                                  "--out", str(tmp_path / "g.png"), "--no-progress"])
     assert r.exit_code == 0, r.output
+    # a conditional run exports: diffusers' UNet2DModel with the class embedding (K + 1 = 11 entries)
+    r = CliRunner().invoke(cli, ["export", str(run), str(tmp_path / "exported")])
+    assert r.exit_code == 0, r.output
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(str(tmp_path / "exported" / "unet"))
+    assert unet.config.num_class_embeds == 11
+    pipe = ddpmkit.load_checkpoint(run)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 17]), torch.tensor([4, 10])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, class_labels=y).sample, pipe.model(x, t, class_labels=y))
 
 
 def test_laptop_cond_preset_is_the_laptop_run_made_conditional():

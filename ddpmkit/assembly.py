@@ -93,7 +93,7 @@ def build_sampler(name: str, options: dict[str, Any] | None, diffusion: Gaussian
     """A sampler plugin for ``diffusion``."""
     comp = get_component("sampler", name)
     cfg = comp.build_config(options or {})
-    sampler = contract.check_sampler_object(comp, comp.build(config=cfg, diffusion=diffusion), diffusion.num_timesteps)
+    sampler = contract.check_sampler_object(comp, comp.build(config=cfg, diffusion=diffusion))
     return sampler, cfg
 
 

@@ -30,7 +30,6 @@ from .errors import DdpmkitError
 
 MODEL_FORMAT = "ddpmkit-checkpoint-1"
 STATE_FORMAT = "ddpmkit-train-state-1"
-FORMAT = MODEL_FORMAT
 
 
 def _umask() -> int:

@@ -164,7 +164,7 @@ def check_loss_value(comp, value: Any, batch: int, reduction: str = "mean") -> t
     return value
 
 
-def check_sampler_object(comp, sampler: Any, num_timesteps: int) -> Any:
+def check_sampler_object(comp, sampler: Any) -> Any:
     steps = getattr(sampler, "num_steps", None)
     if not isinstance(steps, int) or not 1 <= steps:
         fail(comp, f"a sampler with num_steps = {steps!r}", "an int num_steps >= 1")

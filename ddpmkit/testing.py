@@ -153,7 +153,7 @@ def check_sampler(name: str, timesteps: int = 100, **options):
     check_config_round_trip("sampler", name, options)
     comp = get_component("sampler", name)
     d = GaussianDiffusion(torch.linspace(1e-4, 0.2, timesteps, dtype=torch.float64))
-    sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=d), timesteps)
+    sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=d))
     assert 1 <= sampler.num_steps <= timesteps, f"sampler '{name}': num_steps {sampler.num_steps} not in 1..T"
     x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
 

@@ -6,6 +6,14 @@ On a sub-sequence τ of the training timesteps, with x̂_0 and ε̂ from the net
     x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ · z                     (Song et al. eq. 12)
 
 η = 0 is deterministic DDIM; η = 1 is DDPM-like. ᾱ_prev = 1 after the last step.
+
+When the run clips x̂_0, ε̂ is re-derived from the clipped x̂_0 (``clipped_epsilon``, default on):
+
+    ε̂ = (x_t − √ᾱ_τi · x̂_0) / √(1 − ᾱ_τi)                                          (DDPM eq. 4 solved for ε)
+
+so that eq. (12) moves along the line through the clipped x̂_0, as guided-diffusion's DDIM does
+(diffusers: ``DDIMScheduler.step(..., use_clipped_model_output=True)``). Without it, a guided ε̂
+(classifier-free guidance, W > 1) disagrees with the clipped x̂_0 and pushes samples off their class.
 Timesteps follow diffusers' ``DDIMScheduler`` spacings (``leading``, ``trailing``, ``linspace``).
 """
 
@@ -27,12 +35,15 @@ class DDIMConfig:
     steps: network evaluations, 1..T. Default 50.
     eta: η, the stochasticity, >= 0 (0: deterministic). Default 0.0.
     timestep_spacing: ``leading`` (DDIM paper, default), ``trailing`` or ``linspace``.
+    clipped_epsilon: when the run clips x̂_0, re-derive ε̂ from the clipped x̂_0. Default True
+        (False: diffusers' ``DDIMScheduler`` default, which keeps the network's ε̂).
     """
 
     steps: int = attrs.field(default=50, validator=attrs.validators.ge(1))
     eta: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     timestep_spacing: str = attrs.field(default="leading",
                                         validator=attrs.validators.in_(("leading", "trailing", "linspace")))
+    clipped_epsilon: bool = attrs.field(default=True)
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str) -> list[int]:
@@ -64,6 +75,8 @@ class DDIMSampler:
         a_prev = ac[prev].item() if prev >= 0 else 1.0
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps, x0 = d.split_output(output, x, tt)                                          # x̂_0, ε̂ (x̂_0 clipped if on)
+        if d.clip_sample and self.config.clipped_epsilon:
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)                          # ε̂ from the clipped x̂_0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))          # eq. (16)
         x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(0.0, 1 - a_prev - sigma**2)) * eps   # eq. (12)
         if eta > 0 and noise is not None:

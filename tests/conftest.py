@@ -27,6 +27,12 @@ def _fresh_plugins(monkeypatch):
     ddpmkit.reset_manager()
 
 
+@pytest.fixture(scope="session")
+def digit_cache(tmp_path_factory):
+    """One folder for digit-score's classifier, trained once (about half a minute) for the whole session."""
+    return str(tmp_path_factory.mktemp("digit-cache"))
+
+
 @pytest.fixture
 def tiny_args():
     return list(TINY_RUN)

@@ -199,11 +199,6 @@ def test_fid_matches_torch_fidelity(fidelity_weights, tmp_path):
     assert frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(ref, rel=1e-9)
 
 
-@pytest.fixture(scope="module")
-def digit_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digit-cache"))
-
-
 def test_digit_score_separates_digits_from_noise(digit_cache):
     metric = ddpmkit.build("metric", "digit-score", {"cache_dir": digit_cache}, device="cpu")
     assert list(Path(digit_cache).glob("digit-cnn-v1.safetensors"))

@@ -63,10 +63,11 @@ def test_bad_schedule_rejected_naming_the_plugin(tmp_path, tiny_args):
         assert not (tmp_path / name).exists()
 
 
-def _ddim_pair(T, steps, eta, spacing, clip, prediction):
+def _ddim_pair(T, steps, eta, spacing, clip, prediction, clipped_epsilon=True):
     betas = ddpmkit.build("schedule", "linear", {"timesteps": T})
     d = GaussianDiffusion(betas, clip_sample=clip, prediction=prediction)
-    sampler = ddpmkit.build("sampler", "ddim", {"steps": steps, "eta": eta, "timestep_spacing": spacing}, diffusion=d)
+    sampler = ddpmkit.build("sampler", "ddim", {"steps": steps, "eta": eta, "timestep_spacing": spacing,
+                                                "clipped_epsilon": clipped_epsilon}, diffusion=d)
     ref = DDIMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), clip_sample=clip, timestep_spacing=spacing,
                         prediction_type={"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction])
     ref.betas = betas.clone()  # float64 tables, so the comparison is of formulas, not of float32 rounding
@@ -78,19 +79,27 @@ def _ddim_pair(T, steps, eta, spacing, clip, prediction):
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("eta,clip,prediction", [(0.0, False, "epsilon"), (0.5, True, "epsilon"),
-                                                 (1.0, False, "x0"), (0.3, True, "v")])
-def test_ddim_steps_match_diffusers(spacing, eta, clip, prediction):
+@pytest.mark.parametrize("eta,clip,prediction,clipped_epsilon", [
+    (0.0, False, "epsilon", True), (0.5, True, "epsilon", True), (0.0, True, "epsilon", False),
+    (1.0, False, "x0", True), (0.3, True, "v", True), (0.3, True, "v", False)])
+def test_ddim_steps_match_diffusers(spacing, eta, clip, prediction, clipped_epsilon):
+    """clipped_epsilon (ddpmkit's default) is diffusers' use_clipped_model_output=True; off, diffusers' default."""
     T, steps = 1000, 50
-    sampler, ref = _ddim_pair(T, steps, eta, spacing, clip, prediction)
+    sampler, ref = _ddim_pair(T, steps, eta, spacing, clip, prediction, clipped_epsilon)
     assert sampler.timesteps == ref.timesteps.tolist()
     g = torch.Generator().manual_seed(0)
     for t in sampler.timesteps:
         x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
         out = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
         z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
-        expected = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
-        torch.testing.assert_close(sampler.step(out, t, x, z), expected, rtol=1e-5, atol=1e-5, msg=f"t={t}")
+        expected = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None,
+                            use_clipped_model_output=clipped_epsilon).prev_sample
+        got = sampler.step(out, t, x, z)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"t={t}")
+        if clip and t == sampler.timesteps[0]:  # the noisiest step clips: the two choices differ there
+            other = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None,
+                             use_clipped_model_output=not clipped_epsilon).prev_sample
+            assert (got - other).abs().max() > 1e-3
 
 
 def test_ddim_full_loop_matches_diffusers():
@@ -100,7 +109,7 @@ def test_ddim_full_loop_matches_diffusers():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
     for t in ref.timesteps.tolist():
-        x = ref.step(model(x, torch.full((2,), t)), t, x, eta=0.5, generator=g).prev_sample
+        x = ref.step(model(x, torch.full((2,), t)), t, x, eta=0.5, generator=g, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 

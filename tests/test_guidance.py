@@ -29,12 +29,13 @@ class Fake(torch.nn.Module):
 def pipeline(sampler="ddpm"):
     d = ddpmkit.GaussianDiffusion(torch.linspace(1e-4, 0.2, 20, dtype=torch.float64))
     cfg = ddpmkit.RunConfig()
-    cfg.sampler = ddpmkit.ComponentSpec(sampler, {"steps": 5} if sampler == "ddim" else {})
+    cfg.sampler = ddpmkit.ComponentSpec(sampler, {"steps": 5} if sampler != "ddpm" else {})
     return Pipeline(Fake(), d, 1, 4, cfg, torch.device("cpu"), num_classes=10)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++", "unipc", "heun", "euler-ancestral"])
 def test_guidance_arithmetic(sampler):
+    """Every sampler gets guidance without knowing: the guided net is all it sees."""
     pipe, fake = pipeline(sampler), Fake()
     conditional = pipe.sample(4, seed=1, class_labels=3)
     assert torch.equal(pipe.sample(4, seed=1, class_labels=3, guidance=1.0), conditional)  # W = 1: exactly

@@ -183,7 +183,8 @@ def test_cli_sampler_and_targets(tmp_path, tiny_args):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["run"]["prediction"] == "v" and cfg["run"]["min_snr_gamma"] == 5.0
     assert cfg["components"]["sampler"] == {"name": "ddim", "plugin": "ddim", "version": ddpmkit.__version__,
-                                            "options": {"steps": 5, "eta": 0.0, "timestep_spacing": "leading"}}
+                                            "options": {"steps": 5, "eta": 0.0, "timestep_spacing": "leading",
+                                                        "clipped_epsilon": True}}
     pipe = ddpmkit.load_checkpoint(run)
     assert pipe.diffusion.prediction == "v"
     calls = []

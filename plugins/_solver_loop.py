@@ -1,0 +1,73 @@
+"""The loop shared by the solver samplers (``dpm-solver++``, ``unipc``, ``heun``, ``euler-ancestral``).
+
+Each of those plugins configures a diffusers scheduler from the run's own ``GaussianDiffusion`` —
+its exact betas, its prediction target (ε, x0 or v) — and hands it to :class:`SchedulerSampler`,
+which runs the scheduler's step as ddpmkit's sampler contract asks:
+
+    x_T ~ N(0, σ_max² + 1)  (σ-parametrised schedulers) or N(0, I)
+    for t in the scheduler's timesteps:
+        out = net(scale(x, t), t)            # the run's network (guided or not: the sampler never knows)
+        x = scheduler.step(out, t, x)        # the solver's update
+    return x
+
+This is a helper of the built-in plugins, not a plugin: it registers nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ddpmkit
+
+PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def scheduler_kwargs(diffusion: ddpmkit.GaussianDiffusion, steps: int, name: str) -> dict:
+    """The keyword arguments every diffusers scheduler takes from the run: T, betas, prediction."""
+    T = diffusion.num_timesteps
+    if steps > T:
+        raise ddpmkit.DdpmkitError(f"{name}: --steps {steps} is more than the model's T = {T}")
+    return {"num_train_timesteps": T, "trained_betas": diffusion.betas.double().cpu().numpy(),
+            "prediction_type": PREDICTION[diffusion.prediction]}
+
+
+class SchedulerSampler:
+    """A ddpmkit sampler around a configured diffusers scheduler.
+
+    Args:
+        scheduler: a diffusers scheduler, already built from the run's betas.
+        steps: the number of solver steps (``set_timesteps(steps)``).
+        stochastic: whether ``step`` draws noise (it then gets the sampler's generator).
+
+    ``num_steps`` is the number of network calls, ``len(scheduler.timesteps)`` (Heun: 2·steps − 1).
+    The network gets ``t`` as a long tensor when every timestep is a whole number, else as float32
+    (Karras σ's, and ``linspace`` spacing for the σ-parametrised schedulers, fall between the
+    training timesteps; ``unet2d``'s sinusoidal embedding takes either).
+    """
+
+    def __init__(self, scheduler, steps: int, stochastic: bool = False):
+        self.scheduler, self.steps, self.stochastic = scheduler, steps, stochastic
+        scheduler.set_timesteps(steps)
+        ts = scheduler.timesteps.double()
+        self.integral = bool(torch.equal(ts, ts.round()))
+        self.timesteps = [int(v) for v in ts] if self.integral else [float(v) for v in ts]
+        self.num_steps = len(self.timesteps)
+
+    @torch.inference_mode()
+    def sample(self, model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32):
+        s = self.scheduler
+        s.set_timesteps(self.steps, device=device)  # resets the multistep history and step index
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * float(s.init_noise_sigma)
+        t_dtype = torch.long if self.integral else torch.float32
+        extra = {"generator": generator} if self.stochastic else {}
+        channels = shape[1]
+        for k, t in enumerate(s.timesteps):
+            tb = torch.full((shape[0],), self.timesteps[k], dtype=t_dtype, device=device)
+            out = model(s.scale_model_input(x, t), tb)
+            if out.shape[1] != channels:  # a learned variance: the solvers use the prediction only
+                out = out[:, :channels]
+            x = s.step(out, t, x, **extra).prev_sample
+            if progress is not None:
+                progress(k + 1)
+        return x.to(dtype)

@@ -172,10 +172,10 @@ def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: d
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
 @click.option("--dataset", default=None, help="Dataset by name.")
-@click.option("--sampler", default=None, help="Sampler for the final grid (ddpm: Algorithm 2, ddim).")
+@click.option("--sampler", default=None, help="Sampler for the final grid (ddpm: Algorithm 2; ddim, dpm-solver++, unipc, heun, euler-ancestral).")
 @click.option("--timestep-sampler", "timestep_sampler", default=None,
               help="How training draws t (default uniform, Algorithm 1).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (ddim: any number up to T).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers: any number up to T).")
 @click.option("--prediction", type=click.Choice(["epsilon", "x0", "v"]), default=None,
               help="What the network predicts: the noise ε (default), x_0, or v.")
 @click.option("--min-snr", "min_snr_gamma", type=float, default=None,
@@ -257,7 +257,7 @@ def run(**opts):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--sampler", default=None, help="Sampler by name (default: the run's, ddpm).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (ddim: up to T).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers: up to T).")
 @click.option("--set", "sets", multiple=True, metavar="sampler.OPTION=VALUE", help="Sampler option, e.g. sampler.eta=0.5.")
 @click.option("--class", "classes", multiple=True, metavar="CLASS[,CLASS...]",
               help="Classes to draw (index or name; repeatable; class-conditional models; default: every class, "
@@ -284,7 +284,7 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
     if options and "steps" in options and sampler in (None, "ddpm") and pipe.config.sampler.name == "ddpm":
         if int(options["steps"]) != pipe.diffusion.num_timesteps:
             raise DdpmkitError(f"the ddpm sampler always takes T = {pipe.diffusion.num_timesteps} steps; "
-                               f"use --sampler ddim --steps {options['steps']}")
+                               f"use --sampler dpm-solver++ (or ddim) --steps {options['steps']}")
         options.pop("steps")
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
@@ -302,7 +302,7 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Sampling batch size.")
 @click.option("--sampler", default=None, help="Sampler (default: the run's).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (ddim).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers).")
 @click.option("--set", "sets", multiple=True, metavar="metric.OPTION=VALUE",
               help="Metric or sampler option, e.g. metric.splits=10, metric.weights=inception.safetensors.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")

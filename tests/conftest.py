@@ -5,9 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-# Tests must be reproducible and CPU-only.
+# Tests must be reproducible and CPU-only. Under pytest-xdist (the README's `-n auto`) the cores are
+# shared out between the workers, and processes the tests start get the same share.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 TINY_UNET = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
              "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]

@@ -41,17 +41,16 @@ class SchedulerSampler:
         stochastic: whether ``step`` draws noise (it then gets the sampler's generator).
 
     ``num_steps`` is the number of network calls, ``len(scheduler.timesteps)`` (Heun: 2·steps − 1).
-    The network gets ``t`` as a long tensor when every timestep is a whole number, else as float32
-    (Karras σ's, and ``linspace`` spacing for the σ-parametrised schedulers, fall between the
-    training timesteps; ``unet2d``'s sinusoidal embedding takes either).
+    The network gets long ``t``, as the predictor contract says. Where the scheduler's timestep falls
+    between two training timesteps (Karras σ's; ``linspace`` spacing of the σ-parametrised
+    ``heun`` and ``euler-ancestral``) the network gets the nearest one, the only ones it was trained
+    on; the scheduler keeps its exact σ. (diffusers passes the fraction to the UNet instead.)
     """
 
     def __init__(self, scheduler, steps: int, stochastic: bool = False):
         self.scheduler, self.steps, self.stochastic = scheduler, steps, stochastic
         scheduler.set_timesteps(steps)
-        ts = scheduler.timesteps.double()
-        self.integral = bool(torch.equal(ts, ts.round()))
-        self.timesteps = [int(v) for v in ts] if self.integral else [float(v) for v in ts]
+        self.timesteps = [int(v) for v in scheduler.timesteps.double().round()]  # the network's t
         self.num_steps = len(self.timesteps)
 
     @torch.inference_mode()
@@ -59,11 +58,10 @@ class SchedulerSampler:
         s = self.scheduler
         s.set_timesteps(self.steps, device=device)  # resets the multistep history and step index
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * float(s.init_noise_sigma)
-        t_dtype = torch.long if self.integral else torch.float32
         extra = {"generator": generator} if self.stochastic else {}
         channels = shape[1]
         for k, t in enumerate(s.timesteps):
-            tb = torch.full((shape[0],), self.timesteps[k], dtype=t_dtype, device=device)
+            tb = torch.full((shape[0],), self.timesteps[k], dtype=torch.long, device=device)
             out = model(s.scale_model_input(x, t), tb)
             if out.shape[1] != channels:  # a learned variance: the solvers use the prediction only
                 out = out[:, :channels]

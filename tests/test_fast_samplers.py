@@ -3,7 +3,9 @@
 The reference loop below is written here from diffusers' documented API (set_timesteps,
 scale_model_input, step), with a scheduler configured independently from the same betas. Both loops
 run in float64 on the same deterministic fake network and the same noise; every network input (so
-every step's x) and the final sample must agree to 1e-5. diffusers keeps its ᾱ and σ tables in
+every step's x) and the final sample must agree to 1e-5. One documented difference: the network gets
+long t (the predictor contract), the nearest training timestep where the scheduler's falls between
+two, and the reference loop gives its network the same. diffusers keeps its ᾱ and σ tables in
 float32 whatever the input's dtype, as does the sampler, so the agreement is exact here rather than
 within float32 rounding.
 """
@@ -24,7 +26,7 @@ SHAPE = (2, 1, 4, 4)
 
 
 def fake(x, t):
-    """Deterministic and sensitive to both x and t (fractional t too)."""
+    """Deterministic and sensitive to both x and t."""
     return torch.tanh(0.8 * x + t.double().view(-1, 1, 1, 1) / 700) * 0.9
 
 
@@ -43,7 +45,7 @@ def reference_loop(cls, kwargs, steps, seed, stochastic):
     calls = []
     for t in s.timesteps:
         inp = s.scale_model_input(x, t)
-        tb = torch.full((SHAPE[0],), float(t), dtype=torch.float64)
+        tb = torch.full((SHAPE[0],), float(t), dtype=torch.float64).round()
         calls.append((inp.clone(), tb))
         out = fake(inp, tb)
         x = s.step(out, t, x, **({"generator": g} if stochastic else {})).prev_sample
@@ -73,7 +75,8 @@ def compare(name, options, T, prediction, clip=False, betas_scale=1.0, seed=0):
     want, want_calls = reference_loop(REFERENCE[name], kwargs, options["steps"], seed, stochastic)
     assert sampler.num_steps == len(want_calls)
     for k, ((x, t), (wx, wt)) in enumerate(zip(calls, want_calls)):
-        torch.testing.assert_close(t.double(), wt, rtol=0, atol=1e-9, msg=f"{name} {options}: timestep of call {k}")
+        assert t.dtype == torch.long, f"{name} {options}: the network gets long t"
+        torch.testing.assert_close(t.double(), wt, rtol=0, atol=0, msg=f"{name} {options}: timestep of call {k}")
         torch.testing.assert_close(x, wx, rtol=1e-5, atol=1e-5, msg=f"{name} {options}: network input of call {k}")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {options}: the sample")
     assert bool(torch.isfinite(got).all())

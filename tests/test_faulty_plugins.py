@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+
 import ddpmkit
 from ddpmkit.cli import cli
+
+# pip-installs into the shared environment: run apart from the parallel workers (README's test command)
+pytestmark = pytest.mark.installs
 
 PACKAGE = Path(__file__).resolve().parent / "faulty_plugins"
 DIST = "ddpmkit-faulty"

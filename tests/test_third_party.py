@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# pip-installs into the shared environment: run apart from the parallel workers (README's test command)
+pytestmark = pytest.mark.installs
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddpmkit-geometric"
 
 

@@ -124,6 +124,16 @@ def test_label_dropout_rate_and_resume(tmp_path):
     assert image.shape == (2, 1, 16, 16) and bool(torch.isfinite(image).all())
 
 
+def test_conditional_resume_of_an_unconditional_run_is_one_line(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", *tiny_args, "--max-steps", "2", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["run", "--resume", str(run), "--class-conditional", "--no-progress"])
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "Error: --resume: these flags differ from the run's configuration: class-conditional True (run has False). "
+        "Drop them to continue the run, or start a new one with --out")
+
+
 def test_laptop_cond_preset_is_the_laptop_run_made_conditional():
     laptop, cond = ddpmkit.preset_config("laptop"), ddpmkit.preset_config("laptop-cond")
     assert cond.class_conditional and cond.label_dropout == 0.1 and not laptop.class_conditional

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .errors import DdpmkitError
 
-_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
+# ddpmkit prediction target → diffusers prediction_type (export and the solver samplers)
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def export_diffusers(pipe, out: str | os.PathLike) -> Path:
@@ -28,7 +29,7 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
     d = pipe.diffusion
     scheduler = DDPMScheduler(num_train_timesteps=d.num_timesteps, trained_betas=d.betas.tolist(),
                               variance_type=d.variance_type, clip_sample=d.clip_sample,
-                              clip_sample_range=d.clip_range, prediction_type=_PREDICTION[d.prediction])
+                              clip_sample_range=d.clip_range, prediction_type=DIFFUSERS_PREDICTION[d.prediction])
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DdpmkitError(f"'{out}' exists and is not empty; choose a new folder")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 import ddpmkit
+from ddpmkit.export import DIFFUSERS_PREDICTION
 
-PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -29,7 +29,7 @@ def scheduler_kwargs(diffusion: ddpmkit.GaussianDiffusion, steps: int, name: str
     if steps > T:
         raise ddpmkit.DdpmkitError(f"{name}: --steps {steps} is more than the model's T = {T}")
     return {"num_train_timesteps": T, "trained_betas": diffusion.betas.double().cpu().numpy(),
-            "prediction_type": PREDICTION[diffusion.prediction]}
+            "prediction_type": DIFFUSERS_PREDICTION[diffusion.prediction]}
 
 
 class SchedulerSampler:

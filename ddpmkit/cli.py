@@ -293,28 +293,65 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
     click.echo(f"Wrote {n} samples to {out}")
 
 
+def _metric_list(names: tuple[str, ...]) -> list[str]:
+    """``--metric fid,kid --metric digit-score`` → ``["fid", "kid", "digit-score"]`` (in order, once each)."""
+    return list(dict.fromkeys(m.strip() for item in names for m in item.split(",") if m.strip()))
+
+
+def sampling_options(f):
+    """The options of every command that samples from a checkpoint before measuring."""
+    options = [
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=int, default=256, show_default=True, help="Sampling batch size."),
+        click.option("--sampler", default=None, help="Sampler (default: the run's)."),
+        click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers)."),
+        click.option("--set", "sets", multiple=True, metavar="metric.OPTION=VALUE",
+                     help="Metric or sampler option, e.g. metric.splits=10, metric.weights=inception.safetensors."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--no-progress", is_flag=True),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return fast_options(f)
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(), required=False)
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Evaluate a folder of images instead.")
 @click.option("--metric", "metric_names", multiple=True, required=True,
-              help="Metric by name (repeatable): inception-score, fid, digit-score, ...")
+              help="Metrics by name, comma-separated or repeated: fid,kid,precision-recall,digit-score,memorization, ...")
 @click.option("-n", "--num", "n", type=int, default=10000, show_default=True, help="Images to sample from CHECKPOINT.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Sampling batch size.")
-@click.option("--sampler", default=None, help="Sampler (default: the run's).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers).")
-@click.option("--set", "sets", multiple=True, metavar="metric.OPTION=VALUE",
-              help="Metric or sampler option, e.g. metric.splits=10, metric.weights=inception.safetensors.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--figures", "figures_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the metrics' figures (e.g. memorization's nearest.png) into this folder.")
 @click.option("--class", "classes", multiple=True, metavar="CLASS[,CLASS...]",
               help="Classes to draw from a class-conditional CHECKPOINT (default: every class, in equal blocks).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance weight W (default 1).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--no-progress", is_flag=True)
-@fast_options
-def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler, steps, sets, json_out, classes,
-             guidance, device, no_progress, fast):
-    """Score samples from a CHECKPOINT (sampling -n images first) or a folder (--images DIR)."""
+@sampling_options
+def evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, classes, guidance, **opts):
+    """Score samples from a CHECKPOINT (sampling -n images once for every metric) or a folder (--images DIR):
+    one table, and with --json one JSON file."""
+    _evaluate(checkpoint, images_dir, _metric_list(metric_names), n, json_out, figures_dir, classes, guidance, **opts)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("-n", "--num", "n", type=int, default=500, show_default=True, help="Images to sample.")
+@click.option("--metric", "metric_names", multiple=True,
+              help="More metrics in the same pass (comma-separated or repeated), e.g. kid,precision-recall.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where the figures and analysis.json go (default RUN_DIR/analysis).")
+@sampling_options
+def analyze(run_dir, n, metric_names, out_dir, **opts):
+    """Does the model copy its training images? Samples -n images from RUN_DIR, finds each one's nearest training
+    images in pixel and feature space, and writes nearest.png, distances.png and analysis.json."""
+    out = Path(out_dir) if out_dir else Path(run_dir) / "analysis"
+    names = _metric_list(("memorization",) + tuple(metric_names))
+    _evaluate(run_dir, None, names, n, str(out / "analysis.json"), str(out), (), None, **opts)
+
+
+def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, classes, guidance, *, seed, batch_size,
+              sampler, steps, sets, device, no_progress, fast):
     from .assembly import build_many
     from .checkpoint import write_json
     from .evaluation import MetricContext, evaluate_images, load_image_folder
@@ -344,13 +381,34 @@ def evaluate(checkpoint, images_dir, metric_names, n, seed, batch_size, sampler,
                                       fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed, "guidance": guidance, "classes": wanted,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
+    per_metric: dict[str, dict[str, float]] = {}
     with make_progress(err_console, not no_progress) as bar:
-        results = evaluate_images(images, metrics, bar=bar,
-                                  context=MetricContext(pipeline=pipe, seed=seed, labels=labels))
-    for key, value in results.items():
-        click.echo(f"{key}: {value:.6g}")
+        context = MetricContext(pipeline=pipe, seed=seed, labels=labels)
+        for name, metric in metrics.items():
+            per_metric[name] = evaluate_images(images, {name: metric}, bar=bar, context=context)
+    spaces = {name: m.feature_space for name, m in metrics.items() if getattr(m, "feature_space", None)}
+    figures = []
+    if figures_dir:
+        for metric in metrics.values():
+            if callable(getattr(metric, "figures", None)):
+                figures += [str(p) for p in metric.figures(figures_dir)]
+    table = Table(title=f"{images.shape[0]} images", title_justify="left")
+    for col in ("metric", "result", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for name, results in per_metric.items():
+        for i, (key, value) in enumerate(results.items()):
+            table.add_row(name if i == 0 else "", key, f"{value:.6g}")
+    out_console = Console(width=max(100, Console().width))
+    out_console.print(table)
+    for name, space in spaces.items():
+        click.echo(f"{name} features: {space}")
+    for path in figures:
+        click.echo(f"Wrote {path}")
     if json_out:
-        write_json(json_out, {"results": results, "metrics": list(metric_names), "options": metric_opts, **source})
+        results = {k: v for r in per_metric.values() for k, v in r.items()}
+        write_json(json_out, {"results": results, "by_metric": per_metric, "metrics": list(metric_names),
+                              "feature_spaces": spaces, "figures": figures, "options": metric_opts, **source})
+        click.echo(f"Wrote {json_out}")
 
 
 def _class_list(classes: tuple[str, ...]) -> list[str] | None:

@@ -94,7 +94,11 @@ def register_metrics(register):
     ``images`` is a float tensor ``(N, C, H, W)`` in [-1, 1]. The callable may take a
     ``progress`` keyword (``progress(done_images)``) and a ``context`` keyword, which receives a
     :class:`~ddpmkit.evaluation.MetricContext` with the trained pipeline and the run's dataset
-    (``None`` where there is none, as for ``ddpmkit evaluate --images``).
+    (``None`` where there is none, as for ``ddpmkit evaluate --images``). Optional attributes of
+    the object: ``features(images) -> (N, D)`` (and ``features_name``) makes it a feature space that
+    ``kid``, ``precision-recall`` and ``memorization`` can use (``features=NAME``);
+    ``feature_space`` (str), set after a call, names the space its results were computed in;
+    ``figures(directory) -> list[Path]`` writes figures of the last call (``evaluate --figures``).
     """
 
 

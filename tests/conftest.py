@@ -1,3 +1,4 @@
+import math
 import os
 
 import numpy as np
@@ -71,3 +72,56 @@ def aircraft_tree(tmp_path):
     return tmp_path
 
 
+def image_sets(n=20, seed=0):
+    """Two different sets of structured 32×32 RGB images (smooth random colour fields), uint8."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(2):
+        low = torch.rand(n, 3, 4 + 2 * k, 4 + 2 * k, generator=g)
+        x = torch.nn.functional.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False)
+        x = x + 0.15 * torch.rand(n, 3, 32, 32, generator=g) * k
+        out.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fidelity_weights(tmp_path_factory):
+    """A random state dict in torch-fidelity's Inception 2015-12-05 format: neutral batch-norm statistics and
+    He-initialised convolutions. Random pool3 features share a large common component, which gives every image
+    the same class (IS ≈ 1, a test that could not fail); so the final layer is chosen from the features of the
+    test images: random directions orthogonal to their mean, scaled by their spread. IS is then well above 1
+    and differs between the two image sets."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    orig_load, orig_url = cls.load_state_dict, fe.load_state_dict_from_url
+    cls.load_state_dict = lambda self, sd, *a, **k: None
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        net = cls("inception-v3-compat", ["2048"])
+    finally:
+        cls.load_state_dict, fe.load_state_dict_from_url = orig_load, orig_url
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("running_mean") or (key.endswith(".bias") and ".bn." in key):
+            sd[key] = torch.zeros_like(value)
+        elif key.endswith("running_var") or (key.endswith(".weight") and ".bn." in key):
+            sd[key] = torch.ones_like(value)
+        elif key.endswith("conv.weight"):
+            sd[key] = torch.randn(value.shape, generator=g) * math.sqrt(2.0 / value[0].numel())
+        else:
+            sd[key] = torch.zeros_like(value)
+    torch.nn.Module.load_state_dict(net, sd)
+    with torch.no_grad():
+        feats = torch.cat([net(x)[0] for x in image_sets()]).double()
+    mu, sd_f = feats.mean(0), feats.std(0) + 1e-8
+    w = torch.randn(1008, 2048, generator=g, dtype=torch.float64) / sd_f
+    w = w - (w @ mu).unsqueeze(1) * mu.unsqueeze(0) / mu.dot(mu)  # no common offset: W·μ = 0
+    logits = feats @ w.T
+    w = w * (4.0 / logits.std())
+    sd["fc.weight"] = w.float()
+    sd["fc.bias"] = torch.randn(1008, generator=g)
+    path = tmp_path_factory.mktemp("fidelity") / "pt_inception-random.pth"
+    torch.save(sd, path)
+    return path

@@ -35,8 +35,21 @@ def _fresh_plugins(monkeypatch):
 
 @pytest.fixture(scope="session")
 def digit_cache(tmp_path_factory):
-    """One folder for digit-score's classifier, trained once (about half a minute) for the whole session."""
-    return str(tmp_path_factory.mktemp("digit-cache"))
+    """One folder for digit-score's classifier, trained once (about half a minute) for the whole session:
+    under xdist the workers share it (the first trains it under a file lock, the others wait and load)."""
+    import fcntl
+
+    from ddpmkit_plugins.digit_score import load_classifier
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    path = root / "digit-cache"
+    path.mkdir(exist_ok=True)
+    with open(root / "digit-cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        load_classifier(str(path))
+    return str(path)
 
 
 @pytest.fixture

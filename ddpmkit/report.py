@@ -151,7 +151,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
 td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.strip { display: flex; gap: .6em; overflow-x: auto; align-items: flex-end; }
+.strip { display: flex; flex-wrap: wrap; gap: .6em; align-items: flex-end; }
 .strip figure { margin: 0; text-align: center; font-size: .8em; }
 img.grid { image-rendering: pixelated; width: 160px; }
 img.plot { max-width: 100%; }

@@ -55,11 +55,15 @@ class MemorizationConfig(FeatureOptions):
     backend: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "torch", "faiss")))
 
 
-def copy_flags(dist: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Near-copy flags from nearest-neighbour distances (N, ≥2): d₁/d₂ < ratio (d₁ = 0 counts as a copy)."""
+def nn_ratios(dist: torch.Tensor) -> torch.Tensor:
+    """d₁/d₂ from nearest-neighbour distances (N, ≥2); 0 where d₁ = 0 (an exact copy, even of a duplicate)."""
     d1, d2 = dist[:, 0], dist[:, 1]
-    r = torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2.clamp_min(1e-12))
-    return r < ratio
+    return torch.where(d1 == 0, torch.zeros_like(d1), d1 / d2.clamp_min(1e-12))
+
+
+def copy_flags(dist: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Near-copy flags: d₁/d₂ < ``ratio``."""
+    return nn_ratios(dist) < ratio
 
 
 class Memorization(FeatureMetric):
@@ -121,11 +125,13 @@ class Memorization(FeatureMetric):
             found[space] = {"dist": d, "idx": idx}
             out[f"memorized_share{suffix}"] = float(copy_flags(d, c.ratio).double().mean())
             out[f"nn_distance_median{suffix}"] = float(d[:, 0].median())
+            out[f"nn_ratio_min{suffix}"] = float(nn_ratios(d).min())  # the sample closest to the rule
             if heldout is not None:
                 dh, _ = nearest_neighbours(fn(heldout), keys, k, backend=c.backend)
                 found[space]["heldout_dist"] = dh
                 out[f"heldout_memorized_share{suffix}"] = float(copy_flags(dh, c.ratio).double().mean())
                 out[f"heldout_nn_distance_median{suffix}"] = float(dh[:, 0].median())
+                out[f"heldout_nn_ratio_min{suffix}"] = float(nn_ratios(dh).min())
             if progress is not None:
                 progress(len(images))
         self.last = {"images": images, "train": train, "found": found, "ratio": c.ratio}
@@ -145,7 +151,7 @@ class Memorization(FeatureMetric):
         directory.mkdir(parents=True, exist_ok=True)
         last, found = self.last, self.last["found"]["pixel"]
         d, idx = found["dist"], found["idx"]
-        ratio = d[:, 0] / d[:, 1].clamp_min(1e-12)
+        ratio = nn_ratios(d)
         order = ratio.argsort()
         rows = list(dict.fromkeys(order[:4].tolist() + list(range(min(4, len(d))))))  # most copy-like, then the first
         show = lambda ax, x: ax.imshow(((x.permute(1, 2, 0).squeeze(-1) + 1) / 2).clamp(0, 1).numpy(),  # noqa: E731

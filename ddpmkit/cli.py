@@ -129,6 +129,11 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
     names = {k: opts[k] for k in SECTIONS if opts[k] is not None}
     if opts["steps"] is not None:
         overrides.setdefault("sampler", {})["steps"] = str(opts["steps"])
+    if opts["learn_variance"]:  # the predictor outputs 2C channels; sampling and the bound use its variance
+        if opts["variance_type"] not in (None, "learned_range"):
+            raise DdpmkitError(f"--learn-variance learns σ_t²; it cannot be combined with --variance {opts['variance_type']}")
+        overrides.setdefault("predictor", {})["learn_variance"] = "true"
+        changes["variance_type"] = "learned_range"
     return names, overrides, changes
 
 
@@ -191,6 +196,9 @@ def _new_run_config(preset: str | None, names: dict, overrides: dict, changes: d
 @click.option("--variance", "variance_type", type=click.Choice(["fixed_small", "fixed_large", "learned_range"]),
               default=None, help="σ_t² of Algorithm 2: β̃_t (fixed_small), β_t (fixed_large), or learned by the "
                                  "predictor (learned_range).")
+@click.option("--learn-variance", is_flag=True,
+              help="Learn σ_t² (improved DDPM): the predictor outputs a variance too (unet2d: learn_variance) and "
+                   "--variance is learned_range; train it with --loss hybrid.")
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
 @click.option("--class-conditional/--unconditional", "class_conditional", default=None,
               help="Give the predictor the dataset's class labels (class_labels=).")
@@ -352,6 +360,8 @@ def analyze(run_dir, n, metric_names, out_dir, **opts):
 
 def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, classes, guidance, *, seed, batch_size,
               sampler, steps, sets, device, no_progress, fast):
+    import torch
+
     from .assembly import build_many
     from .checkpoint import write_json
     from .evaluation import MetricContext, evaluate_images, load_image_folder
@@ -376,17 +386,22 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
         pipe = load_checkpoint(checkpoint, device=dev)
         wanted = _class_list(classes)
         labels = pipe.class_labels(n, wanted)
-        images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
-                                      sampler=sampler, sampler_options=sampler_opts or None,
-                                      fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)
         source = {"checkpoint": str(checkpoint), "count": n, "seed": seed, "guidance": guidance, "classes": wanted,
                   "sampler": sampler or pipe.config.sampler.name, "sampler_options": sampler_opts}
+        if all(getattr(m, "needs_samples", True) is False for m in metrics.values()):  # e.g. nll: real images
+            images = torch.zeros(n, pipe.channels, pipe.resolution, pipe.resolution)
+            source["sampler"] = None
+        else:
+            images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
+                                          sampler=sampler, sampler_options=sampler_opts or None,
+                                          fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)
     per_metric: dict[str, dict[str, float]] = {}
     with make_progress(err_console, not no_progress) as bar:
         context = MetricContext(pipeline=pipe, seed=seed, labels=labels)
         for name, metric in metrics.items():
             per_metric[name] = evaluate_images(images, {name: metric}, bar=bar, context=context)
     spaces = {name: m.feature_space for name, m in metrics.items() if getattr(m, "feature_space", None)}
+    data = {name: m.data for name, m in metrics.items() if isinstance(getattr(m, "data", None), str)}
     figures = []
     if figures_dir:
         for metric in metrics.values():
@@ -402,12 +417,14 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
     out_console.print(table)
     for name, space in spaces.items():
         click.echo(f"{name} features: {space}")
+    for name, what in data.items():
+        click.echo(f"{name} data: {what}")
     for path in figures:
         click.echo(f"Wrote {path}")
     if json_out:
         results = {k: v for r in per_metric.values() for k, v in r.items()}
         write_json(json_out, {"results": results, "by_metric": per_metric, "metrics": list(metric_names),
-                              "feature_spaces": spaces, "figures": figures, "options": metric_opts, **source})
+                              "feature_spaces": spaces, "data": data, "figures": figures, "options": metric_opts, **source})
         click.echo(f"Wrote {json_out}")
 
 

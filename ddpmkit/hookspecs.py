@@ -110,6 +110,8 @@ def register_samplers(register):
     :class:`~ddpmkit.diffusion.GaussianDiffusion` and ``sampler`` has ``num_steps`` (int) and
     ``sample(model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32)``
     returning x_0 of ``shape``; ``progress(k)`` is called after the k-th network evaluation.
+    A sampler that uses a learned variance (the model's ``2C`` output) says so with the attribute
+    ``uses_learned_variance = True``; with any other, a learned-variance run warns once.
     """
 
 

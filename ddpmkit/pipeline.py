@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,6 +126,11 @@ class Pipeline:
         labels = self.class_labels(n, class_labels)
         w = _guidance_weight(guidance, labels is not None)
         sampler_obj, _ = build_sampler(sampler, opts, self.diffusion)
+        if self.diffusion.variance_type == "learned_range" and not getattr(sampler_obj, "uses_learned_variance", False) \
+                and sampler not in _WARNED_VARIANCE:
+            _WARNED_VARIANCE.add(sampler)
+            warnings.warn(f"sampler '{sampler}' ignores the model's learned variance (it sets its own σ_t); "
+                          f"the ddpm sampler uses it", stacklevel=2)
         fast = FastPath.from_run(self.config) if fast is None else fast
         was_training = self.model.training
         self.model.eval()
@@ -147,6 +153,9 @@ class Pipeline:
         finally:
             self.model.train(was_training)
         return torch.cat(out)
+
+
+_WARNED_VARIANCE: set[str] = set()  # samplers already told (once per process)
 
 
 def _conditioned(model, class_labels: torch.Tensor):

@@ -7,6 +7,8 @@ import ddpmkit
 
 
 class DDPMSampler:
+    uses_learned_variance = True  # a learned_range model's σ_t (improved DDPM) is used at every step
+
     def __init__(self, config=None, *, diffusion: ddpmkit.GaussianDiffusion):
         self.diffusion = diffusion
         self.num_steps = diffusion.num_timesteps

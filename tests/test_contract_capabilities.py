@@ -162,14 +162,14 @@ class HybridLoss:
                 per = mse + 1e-3 * kl
                 return per if reduction == "none" else per.mean()
             return loss
-        register("hybrid", factory)
+        register("hybrid-kl", factory)
 
 
 def test_a_loss_receives_the_full_output_and_the_process(tmp_path):
-    ddpmkit.register_plugin(HybridLoss(), name="hybrid")
+    ddpmkit.register_plugin(HybridLoss(), name="hybrid-kl")
     HybridLoss.contexts.clear()
     r = invoke("run", *RUN, *UNET, "--set", "predictor.learn_variance=true", "--variance", "learned_range",
-               "--loss", "hybrid", "--max-steps", "3", "--log-every", "1",
+               "--loss", "hybrid-kl", "--max-steps", "3", "--log-every", "1",
                "--out", str(tmp_path / "run"))
     assert r.exit_code == 0, r.output
     ctx = HybridLoss.contexts[-1]

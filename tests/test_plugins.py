@@ -63,7 +63,7 @@ def test_unknown_name_suggests_close_match():
     with pytest.raises(ddpmkit.DdpmkitError) as err:
         ddpmkit.get_component("schedule", "linaer")
     assert str(err.value) == "unknown schedule 'linaer'; did you mean 'linear'? available: cosine, linear, quadratic, sigmoid"
-    with pytest.raises(ddpmkit.DdpmkitError, match=r"unknown loss 'zzz' available: mse, smoothl1"):
+    with pytest.raises(ddpmkit.DdpmkitError, match=r"unknown loss 'zzz' available: hybrid, mse, smoothl1"):
         ddpmkit.get_component("loss", "zzz")
 
 

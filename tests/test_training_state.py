@@ -40,7 +40,10 @@ def assert_same(a, b):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     steps = ["--max-steps", "120", "--checkpoint-every", "10", "--keep", "3", "--epochs", "10",
-             "--set", "predictor.dropout=0.1"]  # dropout: the global RNG must be restored too
+             "--set", "predictor.dropout=0.1",  # dropout: the global RNG must be restored too
+             # improved DDPM's recipe: the loss-aware timestep sampler's history (full after ~19 of the 120
+             # steps, then t is importance-sampled) is training state too
+             "--loss", "hybrid", "--learn-variance", "--timestep-sampler", "loss-aware"]
     ref = tmp_path / "ref"
     r = subprocess.run(ddpmkit_cmd("run", *BASE, *steps, "--out", str(ref)), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -85,6 +85,19 @@ def aircraft_tree(tmp_path):
     return tmp_path
 
 
+class U8(torch.utils.data.Dataset):
+    """uint8 images as torch-fidelity takes them (the same pixels the PNG folders hold)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
 def image_sets(n=20, seed=0):
     """Two different sets of structured 32×32 RGB images (smooth random colour fields), uint8."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from PIL import Image
 import ddpmkit
 from ddpmkit.cli import cli
 from ddpmkit.metrics import dataset_images, kernel_inception_distance, nearest_neighbours, precision_recall
-from conftest import image_sets
+from conftest import U8, image_sets
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -24,19 +24,6 @@ def save_folder(folder: Path, images_u8: torch.Tensor) -> Path:
         arr = img.permute(1, 2, 0).squeeze(-1).numpy()
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
     return folder
-
-
-class U8(torch.utils.data.Dataset):
-    """uint8 images as torch-fidelity takes them (the same pixels the PNG folders hold)."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
 
 
 # -- the math on features, against torch-fidelity's own functions -----------------------------------

@@ -13,7 +13,7 @@ import ddpmkit
 from ddpmkit.cli import cli
 from ddpmkit.metrics import SeedInception, frechet_distance, inception_score
 
-from conftest import image_sets  # shared with the KID and precision/recall tests
+from conftest import U8, image_sets  # shared with the KID and precision/recall tests
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,16 +39,6 @@ def test_torch_fidelity_protocol_reproduces_torch_fidelity(fidelity_weights, tmp
     metric = ddpmkit.build("metric", "inception-score", {"protocol": "torch-fidelity", "weights": str(fidelity_weights),
                                                           "splits": 4, "batch_size": 10}, device="cpu")
     ours = [metric(to_float(x)) for x in (a, b)]
-
-    class U8(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     for x, mine in zip((a, b), ours):
         theirs = torch_fidelity.calculate_metrics(input1=U8(x), isc=True, isc_splits=4, cuda=False, verbose=False,

@@ -623,10 +623,10 @@ class Trainer:
                 while self.state.step < self.total:
                     self.epoch(bar, task)
             pipe = self.finish(sample_grid)
+            if self.dist.main and sample_grid:  # before the loggers close: they may keep the grid (mlflow)
+                save_grid(sample_with_progress(pipe, self.config.num_samples, self.console, self.progress,
+                                               seed=self.config.seed), self.run_dir / "samples.png")
         finally:
             for logger in self.loggers:
                 logger.close()
-        if self.dist.main and sample_grid:
-            save_grid(sample_with_progress(pipe, self.config.num_samples, self.console, self.progress,
-                                           seed=self.config.seed), self.run_dir / "samples.png")
         return pipe

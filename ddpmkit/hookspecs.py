@@ -98,7 +98,9 @@ def register_metrics(register):
     the object: ``features(images) -> (N, D)`` (and ``features_name``) makes it a feature space that
     ``kid``, ``precision-recall`` and ``memorization`` can use (``features=NAME``);
     ``feature_space`` (str), set after a call, names the space its results were computed in;
-    ``figures(directory) -> list[Path]`` writes figures of the last call (``evaluate --figures``).
+    ``figures(directory) -> list[Path]`` writes figures of the last call (``evaluate --figures``);
+    ``needs_samples = False``: the metric scores the model on real data itself (``nll``), so
+    ``evaluate`` draws no samples when no other metric needs them (it passes ``N`` placeholders).
     """
 
 

@@ -4,6 +4,7 @@ learned-variance run exported to diffusers."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -168,6 +169,13 @@ def test_hybrid_learned_variance_run_nll_and_diffusers_export(tmp_path, tiny_arg
     assert r.exit_code == 0, r.output
     pipe = ddpmkit.load_checkpoint(run)
     assert pipe.diffusion.variance_type == "learned_range" and pipe.config.loss.name == "hybrid"
+    ddpmkit.pipeline._WARNED_VARIANCE.clear()  # once per process: forget earlier tests in this worker
+    with pytest.warns(UserWarning, match="sampler 'ddim' ignores the model's learned variance"):
+        pipe.sample(1, sampler="ddim", sampler_options={"steps": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only, and never for ddpm, which uses the variance
+        pipe.sample(1, sampler="ddim", sampler_options={"steps": 2})
+        pipe.sample(1, sampler="ddpm")
     r = runner.invoke(cli, ["evaluate", str(run), "--metric", "nll", "-n", "4", "--no-progress", "--device", "cpu",
                             "--json", str(tmp_path / "nll.json")])
     assert r.exit_code == 0, r.output

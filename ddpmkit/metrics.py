@@ -489,6 +489,34 @@ class ReferenceOptions(InceptionOptions):
         return dataset_images(build("dataset", self.dataset, options))
 
 
+def split_options(name: str, options: dict, resolution: int, split: str = "test",
+                  data_root: str | None = None) -> tuple[dict, bool]:
+    """Options that build dataset plugin ``name`` at ``resolution`` from another run's ``options``
+    (those it knows, ``limit`` dropped), with ``split`` when it has a ``split`` option and ``data_root``
+    when given; and whether it has a split (so held-out images can be asked of it)."""
+    from .plugins import get_component
+
+    comp = get_component("dataset", name)
+    fields = {f.name for f in attrs.fields(comp.config_class)} if attrs.has(comp.config_class) else set()
+    opts = {k: v for k, v in options.items() if k in fields and k != "limit"}
+    if "split" in fields:
+        opts["split"] = split
+    if data_root:
+        opts["data_root"] = data_root
+    opts["resolution"] = resolution
+    return opts, "split" in fields
+
+
+def random_subset(dataset, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fixed random subset of up to ``count`` items, in dataset order (only those items are read):
+    images (N, C, H, W) and integer labels (N,), or ``None`` for a dataset without labels."""
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    items = [dataset[int(i)] for i in keep]
+    labelled = isinstance(items[0], (tuple, list))
+    images = torch.stack([it[0] if labelled else it for it in items])
+    return images, (torch.tensor([int(it[1]) for it in items]) if labelled else None)
+
+
 def dataset_images(dataset, limit: int | None = None) -> torch.Tensor:
     """The images of a dataset plugin's dataset (labels dropped), stacked: (N, C, H, W)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))

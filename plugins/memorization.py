@@ -31,7 +31,8 @@ import attrs
 import torch
 
 import ddpmkit
-from ddpmkit.metrics import FeatureMetric, FeatureOptions, check_images, dataset_images, nearest_neighbours
+from ddpmkit.metrics import (FeatureMetric, FeatureOptions, check_images, dataset_images, nearest_neighbours,
+                             random_subset, split_options)
 
 
 @attrs.define(kw_only=True)
@@ -92,20 +93,13 @@ class Memorization(FeatureMetric):
             name, options = c.heldout_dataset, {}
         if name is None:
             return None
-        comp = ddpmkit.get_component("dataset", name)
-        fields = {f.name for f in attrs.fields(comp.config_class)} if attrs.has(comp.config_class) else set()
-        if "split" not in fields:
+        opts, has_split = split_options(name, options, resolution, "test", c.heldout_data_root)
+        if not has_split:
             if c.heldout_dataset:
                 raise ddpmkit.DdpmkitError(f"memorization: heldout_dataset '{name}' has no test split (no 'split' "
                                            f"option); name a dataset that has one, e.g. mnist")
             return None
-        opts = {k: v for k, v in options.items() if k in fields and k != "limit"}
-        opts.update(split="test", resolution=resolution)
-        if c.heldout_data_root:
-            opts["data_root"] = c.heldout_data_root
-        images = dataset_images(ddpmkit.build("dataset", name, opts))
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
-        return images[keep.sort().values]
+        return random_subset(ddpmkit.build("dataset", name, opts), count)[0]
 
     # the metric -------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:

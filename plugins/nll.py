@@ -22,7 +22,7 @@ import attrs
 import torch
 
 import ddpmkit
-from ddpmkit.metrics import dataset_images
+from ddpmkit.metrics import random_subset, split_options
 
 
 @attrs.define(kw_only=True)
@@ -58,21 +58,10 @@ class NLL:
         name = c.dataset or (spec.name if spec else None)
         if name is None:
             raise ddpmkit.DdpmkitError("nll needs a run (CHECKPOINT), or --set metric.dataset=NAME")
-        comp = ddpmkit.get_component("dataset", name)
-        fields = {f.name for f in attrs.fields(comp.config_class)} if attrs.has(comp.config_class) else set()
-        options = {k: v for k, v in (spec.options if spec and spec.name == name else {}).items()
-                   if k in fields and k != "limit"}
-        if "split" in fields:
-            options["split"] = c.split
-        if c.data_root:
-            options["data_root"] = c.data_root
-        options["resolution"] = pipe.resolution
-        ds = ddpmkit.build("dataset", name, options)
-        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(c.seed))[:count].sort().values
-        items = [ds[int(i)] for i in keep]
-        images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
-        labels = torch.tensor([int(it[1]) for it in items]) if isinstance(items[0], (tuple, list)) else None
-        self.data = f"{len(images)} images of {name}" + (f" ({options['split']} split)" if "split" in options
+        options, has_split = split_options(name, spec.options if spec and spec.name == name else {}, pipe.resolution,
+                                           c.split, c.data_root)
+        images, labels = random_subset(ddpmkit.build("dataset", name, options), count, c.seed)
+        self.data = f"{len(images)} images of {name}" + (f" ({c.split} split)" if has_split
                                                          else " (the training images: it has no test split)")
         return images, labels
 

@@ -249,3 +249,64 @@ def preset_config(name: str | None) -> RunConfig:
     cfg = RunConfig.from_dict(data)
     cfg.preset = name
     return cfg
+
+
+def load_config_file(path) -> RunConfig:
+    """A :class:`RunConfig` from a JSON file: a run directory's ``config.json`` (its ``run`` section) or a
+    JSON object of RunConfig fields. A missing or malformed file → :class:`DdpmkitError`."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DdpmkitError(f"--config: no such file '{path}'") from None
+    except (OSError, ValueError) as exc:
+        raise DdpmkitError(f"--config: '{path}' is not a JSON configuration ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("run"), dict):
+        data = data["run"]
+    if not isinstance(data, dict):
+        raise DdpmkitError(f"--config: '{path}' holds no JSON object of RunConfig fields")
+    unknown = sorted(set(data) - {f.name for f in attrs.fields(RunConfig)})
+    if unknown:
+        raise DdpmkitError(f"--config: '{path}' has fields RunConfig does not know: {', '.join(unknown)}")
+    try:
+        return RunConfig.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"--config: '{path}': {exc}") from None
+
+
+def resolve_run_config(preset: str | None, names: dict | None = None, overrides: dict | None = None,
+                       changes: dict | None = None, data_root: str | None = None,
+                       base: RunConfig | None = None) -> RunConfig:
+    """The run configuration ``ddpmkit run`` (and each sweep trial) trains with: ``base`` (default: the
+    ``preset``, itself defaulting to ``laptop``) with component ``names`` (``{section: name}``), component
+    ``overrides`` (``{section: {option: value}}``) and RunConfig ``changes`` applied. Every name and option is
+    checked here, before anything is written: a bad one → :class:`DdpmkitError` (one line)."""
+    import warnings
+
+    from . import plugins as plugin_mod
+
+    names, overrides, changes = names or {}, overrides or {}, changes or {}
+    config = base if base is not None else preset_config(preset)
+    for section in SECTIONS:
+        spec = getattr(config, section)
+        if names.get(section, spec.name) != spec.name:
+            spec.name, spec.options = names[section], {}
+        if section == "dataset" and config.preset in ("mnist", "aircraft") \
+                and spec.name not in plugin_mod.available(section):
+            raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{spec.name}', which is not "
+                               f"installed; run `ddpmkit run` for the offline default (mnist-5k)")
+        comp = plugin_mod.get_component(section, spec.name)
+        spec.options.update(overrides.get(section, {}))
+        if section == "dataset" and data_root is not None:  # --data-root: for datasets that have the option
+            if comp.config_class is None or "data_root" not in config_fields(comp.config_class):
+                warnings.warn(f"dataset '{spec.name}' has no data_root option; --data-root is ignored (its options: "
+                              f"--set dataset.OPTION=VALUE)", stacklevel=2)
+            else:
+                spec.options["data_root"] = data_root
+        comp.build_config(spec.options)  # a bad option fails here, before anything is written
+    try:
+        return attrs.evolve(config, **changes)
+    except (ValueError, TypeError) as exc:
+        raise DdpmkitError(f"invalid option: {exc}") from None

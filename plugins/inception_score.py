@@ -29,6 +29,7 @@ class InceptionScoreConfig(InceptionOptions):
 
 
 class InceptionScore(InceptionMetric):
+    directions = {"inception_score": "maximize"}
     def logits(self, images: torch.Tensor, progress=None) -> torch.Tensor:
         return self.outputs(images, self.config.splits, "inception-score images", progress)[1]
 

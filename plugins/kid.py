@@ -36,6 +36,7 @@ class KIDConfig(FeatureOptions):
 
 
 class KID(FeatureMetric):
+    directions = {"kid": "minimize"}
     def __call__(self, images: torch.Tensor, progress=None) -> dict[str, float]:
         c = self.config
         fake = self.features(images, progress, what="kid images")

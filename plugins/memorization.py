@@ -68,6 +68,7 @@ def copy_flags(dist: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 class Memorization(FeatureMetric):
+    directions = {"memorized_share": "minimize"}
     def __init__(self, config: MemorizationConfig, *, device=None):
         super().__init__(config, device=device)
         self.last: dict | None = None

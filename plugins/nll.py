@@ -46,6 +46,7 @@ class NLLConfig:
 
 class NLL:
     needs_samples = False  # scores real images: evaluate does not sample for it
+    directions = {"nll_bpd": "minimize"}
 
     def __init__(self, config: NLLConfig, *, device=None):
         self.config = config

@@ -33,6 +33,7 @@ class PrecisionRecallConfig(FeatureOptions):
 
 
 class PrecisionRecall(FeatureMetric):
+    directions = {"pr_f_score": "maximize", "precision": "maximize", "recall": "maximize"}
     def __call__(self, images: torch.Tensor, progress=None) -> dict[str, float]:
         c = self.config
         fake = self.features(images, progress, min_count=c.neighbourhood + 1, what="precision-recall images")

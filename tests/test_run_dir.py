@@ -86,7 +86,7 @@ def test_overwrite_removes_the_earlier_run(tmp_path):
     assert max(steps) == 3
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are removed
     r = invoke("run", "--resume", str(run), "--overwrite")
-    assert r.exit_code == 2 and "drop --preset/--out/--overwrite" in r.stderr
+    assert r.exit_code == 2 and "drop --preset/--config/--out/--overwrite" in r.stderr
 
 
 def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path):

@@ -466,6 +466,8 @@ def report(run_dirs, out):
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
 @click.option("--pruner", type=click.Choice(["median", "halving", "none"]), default="median", show_default=True,
               help="Stop poor trials early on their --eval-every results.")
+@click.option("--prune-after", type=int, default=3, show_default=True,
+              help="Completed trials before the median pruner compares a trial with them.")
 @click.option("--eval-every", type=int, default=None, help="Score every N epochs (reported to the pruner).")
 @click.option("--eval-samples", type=int, default=None, help="Images sampled per evaluation.")
 @click.option("--set", "sets", multiple=True, metavar="KIND.OPTION=VALUE", help="A component option for every trial.")
@@ -479,7 +481,7 @@ def report(run_dirs, out):
               help="Seconds between heartbeats; a running trial silent for twice that is failed and queued again.")
 @click.option("--show", is_flag=True, help="Print the study's best trials and write its plots; run nothing.")
 @click.option("--top", type=int, default=10, show_default=True, help="Trials --show lists.")
-def sweep(space_file, metric, objective, direction, trials, study, storage, runs_dir, pruner, eval_every,
+def sweep(space_file, metric, objective, direction, trials, study, storage, runs_dir, pruner, prune_after, eval_every,
           eval_samples, sets, logger_names, seed, device, nproc_per_trial, heartbeat, show, top):
     """Search hyperparameters with Optuna: each trial is a run directory; start the same command on several
     machines (one --storage) to share the study. --show prints the results."""
@@ -496,15 +498,18 @@ def sweep(space_file, metric, objective, direction, trials, study, storage, runs
     for flag, value in (("--trials", trials), ("--nproc-per-trial", nproc_per_trial), ("--heartbeat", heartbeat)):
         if value < 1:
             raise DdpmkitError(f"{flag} must be >= 1, got {value}")
+    if prune_after < 0:
+        raise DdpmkitError(f"--prune-after must be >= 0, got {prune_after}")
     sw._import_optuna()
     objective, direction = sw.objective_of(metric, objective, direction)
     opts = sw.SweepOptions(space=None, metric=metric, objective=objective, direction=direction, trials=trials,
                            study=study or Path(space_file).stem, storage=storage, runs_dir=runs, pruner=pruner,
-                           seed=seed, eval_every=eval_every, eval_samples=eval_samples,
+                           prune_after=prune_after, seed=seed, eval_every=eval_every, eval_samples=eval_samples,
                            overrides=_parse_sets(sets, KINDS, "sweep"), loggers=tuple(logger_names), device=device,
                            nproc_per_trial=nproc_per_trial, heartbeat=heartbeat)
     changes, overrides = sw._trial_user_options(opts, 0, None)
     opts.space = sw.load_space(space_file, changes, overrides)
+    worker = sw.Worker(opts, console=err_console)
     from .config import preset_config
 
     if pruner != "none" and not (eval_every or dict((p.name, p.values[0]) for p in opts.space.params
@@ -512,7 +517,6 @@ def sweep(space_file, metric, objective, direction, trials, study, storage, runs
                                  or preset_config(opts.space.preset).eval_every):
         warnings.warn("no --eval-every: trials report only their final score, so the pruner never stops one",
                       stacklevel=1)
-    worker = sw.Worker(opts, console=err_console)
     click.echo(f"study {opts.study}: {opts.metric}:{objective} ({direction}), {trials} trials, storage "
                f"{sw.masked(worker.storage_url)}", err=True)
     t0 = time.perf_counter()

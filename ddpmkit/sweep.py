@@ -353,6 +353,7 @@ class SweepOptions:
     storage: str | None = None
     runs_dir: Path = Path("runs")
     pruner: str = "median"
+    prune_after: int = 3  # completed trials before the median pruner acts
     seed: int | None = None
     eval_every: int | None = None
     eval_samples: int | None = None
@@ -363,10 +364,10 @@ class SweepOptions:
     heartbeat: int = 30
 
 
-def _pruner(name: str):
+def _pruner(name: str, prune_after: int = 3):
     optuna = _import_optuna()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=prune_after, n_warmup_steps=0)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -447,12 +448,12 @@ class Worker:
         attrs_wanted = {"metric": o.metric, "objective": o.objective, "space": o.space.describe()}
         try:
             study = optuna.create_study(study_name=o.study, storage=self.storage, direction=o.direction,
-                                        sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner))
+                                        sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner, o.prune_after))
             for k, v in attrs_wanted.items():
                 study.set_user_attr(k, v)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=o.study, storage=self.storage,
-                                      sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner))
+                                      sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner, o.prune_after))
             have = study.user_attrs
             if study.direction.name.lower() != o.direction:
                 raise DdpmkitError(f"study '{o.study}' was created to {study.direction.name.lower()}, not {o.direction}")

@@ -515,7 +515,10 @@ class Trainer:
 
     def evaluate(self, pipe: Pipeline) -> dict[str, float]:
         n = self.config.eval_samples
-        images = pipe.sample(n, seed=self.config.seed)
+        if all(getattr(m, "needs_samples", True) is False for m in self.metrics.values()):  # e.g. nll: real images
+            images = torch.zeros(n, pipe.channels, pipe.resolution, pipe.resolution)
+        else:
+            images = pipe.sample(n, seed=self.config.seed)
         context = attrs.evolve(self.metric_context(pipe), labels=pipe.class_labels(n))
         results = evaluate_images(images, self.metrics, context=context)
         self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results})

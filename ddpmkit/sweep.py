@@ -435,8 +435,6 @@ class Worker:
         self.parent_run = _mlflow_parent(opts, self.study)
         self.stop_signal: int | None = None
         self.child: subprocess.Popen | _Forked | None = None
-        if opts.nproc_per_trial == 1:
-            preload()
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -626,8 +624,7 @@ class SweepStopped(Interrupted):
 
 def _start(args: list[str], nproc: int, log):
     """Start a trial's ``ddpmkit run`` in a process of its own, its output going to ``log``. One process: a fork
-    of this worker, which has imported torch and the plugins already (seconds saved per trial); several:
-    ``torchrun``. Either way the trial gets SIGTERM (checkpoint, exit) if the worker dies, even by SIGKILL."""
+    of a server that has imported torch and diffusers already (seconds saved per trial); several: ``torchrun``. Either way the trial gets SIGTERM (checkpoint, exit) if the worker dies, even by SIGKILL."""
     if nproc > 1 or not sys.platform.startswith("linux"):
         cmd = [sys.executable, "-m", "ddpmkit", *args]
         if nproc > 1:
@@ -635,37 +632,28 @@ def _start(args: list[str], nproc: int, log):
                    "-m", "ddpmkit", *args]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return _Forked(args, log)
+    return _Forked(args, Path(log.name))
 
 
-def preload() -> None:
-    """Import what every trial imports, once, before the worker forks its trials."""
-    import diffusers
-
-    from . import training  # noqa: F401
-    from .plugins import get_manager
-
-    get_manager()
-    diffusers.UNet2DModel  # noqa: B018 (diffusers imports its models lazily)
+#: What the fork server imports once; each trial forked from it starts with these loaded.
+PRELOAD = ["ddpmkit.cli", "ddpmkit.training", "ddpmkit.evaluation", "diffusers.models.unets.unet_2d"]
 
 
-def _die_with_parent() -> None:
-    """In the trial process: get SIGTERM (checkpoint and exit) if the worker dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _trial_context():
+    """multiprocessing's fork server, with what every trial imports loaded once. A trial is forked from that
+    clean server, never from the worker itself: a process that has run torch (OpenMP) cannot fork safely."""
+    import multiprocessing
 
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 class _Forked:
-    """A forked trial process with the part of :class:`subprocess.Popen` the worker uses."""
+    """A trial process forked from the fork server, with the part of :class:`subprocess.Popen` the worker uses."""
 
-    def __init__(self, args: list[str], log):
-        import multiprocessing
-
-        self.proc = multiprocessing.get_context("fork").Process(target=_trial_main, args=(args, log.fileno()),
-                                                                  daemon=False)
+    def __init__(self, args: list[str], log_path: Path):
+        self.proc = _trial_context().Process(target=_trial_main, args=(args, str(log_path), os.getpid()), daemon=False)
         self.proc.start()
         self.pid = self.proc.pid
         self.returncode: int | None = None
@@ -681,19 +669,51 @@ class _Forked:
         return self.poll()
 
 
-def _trial_main(args: list[str], log_fd: int) -> None:
-    """The forked trial: output to the log, a new session, default signal handlers, then ``ddpmkit run``."""
+def _trial_main(args: list[str], log_path: str, worker_pid: int) -> None:
+    """The forked trial: output to the log, a new session, default signal handlers, a watch on the worker (gone:
+    SIGTERM to itself, so the run checkpoints and exits), then ``ddpmkit run``."""
+    import threading
     sys.stdout.flush()
     sys.stderr.flush()
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     os.setsid()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_DFL)
-    _die_with_parent()
+    threading.Thread(target=_watch_worker, args=(worker_pid,), daemon=True).start()
     from .cli import cli
 
     cli.main(args=args, prog_name="ddpmkit")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _watch_worker(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the trial process: get SIGTERM (checkpoint and exit) if the worker dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop_run(child: subprocess.Popen, run_dir: Path) -> None:

@@ -85,3 +85,35 @@ def test_mlflow_missing_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ddpmkit.DdpmkitError, match=r"needs MLflow: pip install 'ddpmkit\[mlflow\]'"):
         ddpmkit.build("logger", "mlflow", {}, run_dir=tmp_path, run_config={}, resume_step=None)
+
+
+def test_a_sweep_logs_each_trial_as_a_nested_run(mlflow_server, tmp_path):
+    """ddpmkit sweep --logger mlflow: one run for the study, each trial a run nested under it (its parameters
+    the trial's configuration), and the study's run holds every trial's value."""
+    pytest.importorskip("optuna", reason="the sweep extra (optuna) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "nested.toml"
+    space.write_text('epochs = 100\nmax_steps = 2\nbatch_size = 16\nnum_samples = 2\neval_samples = 4\n'
+                     '"dataset.limit" = 32\n"dataset.resolution" = 16\n"predictor.block_out_channels" = "8,16"\n'
+                     '"predictor.norm_num_groups" = 4\n"predictor.layers_per_block" = 1\n'
+                     '"predictor.attention_resolutions" = "8"\n"schedule.timesteps" = 10\nlr = [1e-3, 2e-3]\n')
+    r = CliRunner().invoke(cli, ["sweep", "--space", str(space), "--metric", "nll", "--trials", "2", "--device", "cpu",
+                                 "--runs-dir", str(tmp_path / "runs"), "--logger", "mlflow",
+                                 "--set", f"logger.tracking_uri={mlflow_server}", "--set", "logger.experiment=sweeps"])
+    assert r.exit_code == 0, r.output
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("sweeps")
+    parents = client.search_runs([exp.experiment_id], "tags.`ddpmkit.study` = 'nested'")
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  order_by=["attributes.run_name ASC"])
+    assert [c.info.run_name for c in children] == ["trial-0000", "trial-0001"]
+    sweep = json.loads((tmp_path / "runs" / "nested" / "sweep.json").read_text())
+    for child, trial in zip(children, sweep["trials"]):
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["run.lr"]) == pytest.approx(trial["params"]["lr"])
+        assert child.data.tags["ddpmkit.run_dir"] == trial["run_dir"]
+    history = client.get_metric_history(parent, "trial/nll_bpd")
+    assert sorted((m.step, m.value) for m in history) == [(t["number"], pytest.approx(t["value"])) for t in sweep["trials"]]

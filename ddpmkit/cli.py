@@ -441,7 +441,8 @@ def export_cmd(run_dir, out, fmt, device):
               help="The HTML file (default RUN_DIR/report.html for one run, report.html for several).")
 def report(run_dirs, out):
     """Write one self-contained HTML page (images embedded, opens from disk) showing RUN_DIRS: configuration,
-    loss and metric curves, the grid of every epoch, the forward process, the analysis; several runs side by side."""
+    loss and metric curves, the grid of every epoch, the forward process, the analysis; several runs side by side.
+    A sweep's study directory (runs/STUDY) shows its trials, its plots and its best trials."""
     from .report import write_report
 
     if out is None:

@@ -254,16 +254,69 @@ def _comparison(runs: list[RunData]) -> str:
     return "\n".join(out) + "</section>"
 
 
+def read_study(path: Path) -> dict:
+    """A sweep's study directory (``RUNS/STUDY``): its ``sweep.json`` (written by ``ddpmkit sweep``)."""
+    file = path / "sweep.json"
+    if not file.is_file():
+        raise DdpmkitError(f"'{path}' is a sweep's study directory without sweep.json yet; write it with "
+                           f"`ddpmkit sweep --show --study {path.name} --runs-dir {path.parent}`")
+    return json.loads(file.read_text())
+
+
+def _study_section(k: int, path: Path, info: dict) -> str:
+    """The study: its trials (state, value, parameters), the best one, Optuna's history and importance plots."""
+    trials = info.get("trials", [])
+    params = sorted({p for t in trials for p in t.get("params", {})})
+    objective = info.get("objective", "value")
+    best = (info.get("best") or {}).get("number")
+    head = "<tr><th>trial</th><th>state</th><th>" + html.escape(objective) + "</th>" + "".join(
+        f"<th>{html.escape(p)}</th>" for p in params) + "</tr>"
+    rows = []
+    for t in trials:
+        value = _num_cell(k, f"study.{t['number']}.value", t["value"]) if t.get("value") is not None else "<td>-</td>"
+        mark = " (best)" if t["number"] == best else ""
+        rows.append(f"<tr><td>{t['number']}{mark}</td><td>{html.escape(t['state'])}</td>{value}" + "".join(
+            f"<td>{_fmt(t.get('params', {}).get(p, '-'))}</td>" for p in params) + "</tr>")
+    parts = [f"<section class='study' id='study-{k}'><h2>Sweep: study {html.escape(info.get('study', path.name))}</h2>",
+             f"<p>{html.escape(str(info.get('metric')))}:{html.escape(objective)} ({html.escape(info.get('direction', ''))}),"
+             f" {len(trials)} trials. <code>{html.escape(str(path.resolve()))}</code></p>",
+             "<table class='study-trials'>" + head + "".join(rows) + "</table>"]
+    for name, title in (("history.png", "Optimisation history"), ("importance.png", "Parameter importances")):
+        if (path / name).is_file():
+            parts.append(f"<h3>{title}</h3><figure>{_img(_file_uri(path / name), title)}</figure>")
+    return "\n".join(parts) + "</section>"
+
+
+def _expand(run_dirs: list[str | Path], top: int = 6) -> tuple[list[Path], list[tuple[Path, dict]]]:
+    """Run directories, with each study directory replaced by its best completed trials (at most ``top``)."""
+    runs, studies = [], []
+    for d in map(Path, run_dirs):
+        if not (d / "config.json").is_file() and ((d / "sweep.json").is_file() or (d / "study.json").is_file()):
+            info = read_study(d)
+            studies.append((d, info))
+            done = [t for t in info.get("trials", []) if t["state"] == "complete" and t.get("run_dir")]
+            done.sort(key=lambda t: t["value"], reverse=info.get("direction") == "maximize")
+            runs += [Path(t["run_dir"]) for t in done[:top] if (Path(t["run_dir"]) / "config.json").is_file()]
+        else:
+            runs.append(d)
+    return runs, studies
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Write the HTML report of ``run_dirs`` to ``out``; returns its path."""
+    """Write the HTML report of ``run_dirs`` to ``out``; returns its path. A sweep's study directory
+    (``RUNS/STUDY``) stands for its trials table, its plots and its best completed trials."""
     if not run_dirs:
         raise DdpmkitError("report: give at least one run directory")
+    run_dirs, studies = _expand(run_dirs)
+    if not run_dirs:
+        raise DdpmkitError("report: the study has no completed trial to show yet")
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # two runs called 'run' in different folders
         names = [str(Path(d)) for d in run_dirs]
     runs = [read_run(d, n) for d, n in zip(run_dirs, names)]
     body = ["<h1>ddpmkit report</h1>", f"<p>{len(runs)} run{'s' if len(runs) > 1 else ''}: "
             + ", ".join(f"<a href='#run-{i}'>{html.escape(r.name)}</a>" for i, r in enumerate(runs)) + "</p>"]
+    body += [_study_section(k, path, info) for k, (path, info) in enumerate(studies)]
     if len(runs) > 1:
         body.append(_comparison(runs))
     body += [_run_section(i, r) for i, r in enumerate(runs)]

@@ -13,7 +13,13 @@ Keys are RunConfig fields (``lr``, ``batch_size``, ``max_steps``, ``ema_decay``,
 component names (``schedule``, ``loss``, ``predictor``, ``sampler``, ``dataset``, ``timestep_sampler``) or
 component options (``KIND.OPTION``). A value is fixed (a scalar), a choice (a list), or a range: a table
 with one of ``uniform``, ``log_uniform``, ``int``, ``log_int`` (``[low, high]``, both included; ``step``
-optional) or ``choice``.
+optional) or ``choice``. ``[[enqueue]]`` tables name trials to run first (e.g. the preset's own values, as
+a baseline measured the same way)::
+
+    [[enqueue]]
+    lr = 2e-3
+    schedule = "linear"
+    "schedule.timesteps" = 1000
 
 Each trial is an ordinary run directory, ``RUNS/<study>/trial-NNNN/``, trained by ``ddpmkit run`` in a
 process of its own (or by torchrun, ``--nproc-per-trial``). The worker that started it watches the
@@ -101,13 +107,15 @@ class Param:
 class Space:
     preset: str | None
     params: tuple[Param, ...]
+    enqueue: tuple[dict, ...] = ()
 
     @property
     def searched(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.kind != "fixed")
 
     def describe(self) -> dict:
-        return {"preset": self.preset, **{p.name: p.describe() for p in self.params}}
+        return {"preset": self.preset, **{p.name: p.describe() for p in self.params},
+                **({"enqueue": list(self.enqueue)} if self.enqueue else {})}
 
 
 def _target(name: str, where: str) -> tuple[str, ...]:
@@ -179,15 +187,34 @@ def load_space(path: str | os.PathLike, base_changes: dict | None = None, base_o
     preset = data.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise DdpmkitError(f"{where}: preset is fixed: a name such as \"laptop\", got {preset!r}")
+    enqueue = data.pop("enqueue", [])
     params = []
     for name, value in data.items():
         _target(name, where)
         params.append(_param(name, value, where))
-    space = Space(preset, tuple(params))
+    space = Space(preset, tuple(params), tuple(enqueue) if isinstance(enqueue, list) else ())
     if not space.searched:
         raise DdpmkitError(f"{where}: nothing to search: give at least one list or range")
+    _check_enqueue(space, enqueue, where)
     _check_values(space, where, base_changes, base_overrides)
     return space
+
+
+def _check_enqueue(space: Space, enqueue, where: str) -> None:
+    """Each ``[[enqueue]]`` table sets searched parameters only, each to a value its range or choice allows."""
+    searched = {p.name: p for p in space.searched}
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise DdpmkitError(f"{where}: enqueue is a list of tables: [[enqueue]] then name = value lines")
+    for i, row in enumerate(enqueue, 1):
+        for name, value in row.items():
+            p = searched.get(name)
+            if p is None:
+                raise DdpmkitError(f"{where}: [[enqueue]] #{i} sets '{name}', which is not searched "
+                                   f"(searched: {', '.join(searched)})")
+            ok = value in p.values if p.kind == "choice" else (_number(value) and p.values[0] <= value <= p.values[1])
+            if not ok:
+                allowed = list(p.values) if p.kind == "choice" else f"[{p.values[0]}, {p.values[1]}]"
+                raise DdpmkitError(f"{where}: [[enqueue]] #{i}: {name} = {value!r} is outside {allowed}")
 
 
 def _corners(space: Space) -> list[dict]:
@@ -287,8 +314,15 @@ def open_storage(url: str, heartbeat: int | None = 30):
     if heartbeat:
         kwargs = {"heartbeat_interval": int(heartbeat), "heartbeat_stale_trial_callback": requeue}
     try:
-        with _quiet(optuna):
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        for attempt in range(8):  # workers started together race to create the schema: the losers try again
+            try:
+                with _quiet(optuna):
+                    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+            except Exception as exc:
+                if attempt == 7 or type(exc).__name__ not in ("IntegrityError", "ProgrammingError") \
+                        and "already exists" not in str(exc) and "locked" not in str(exc):
+                    raise
+                time.sleep(0.5 + 0.5 * attempt)
     except ImportError as exc:
         raise DdpmkitError(f"--storage {masked(url)}: its database driver is not installed ({exc})") from None
     except Exception as exc:  # sqlalchemy.exc.ArgumentError / OperationalError, ...
@@ -449,6 +483,8 @@ class Worker:
                                         sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner, o.prune_after))
             for k, v in attrs_wanted.items():
                 study.set_user_attr(k, v)
+            for row in o.space.enqueue:  # only the worker that created the study enqueues
+                study.enqueue_trial(row)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=o.study, storage=self.storage,
                                       sampler=optuna.samplers.TPESampler(seed=o.seed), pruner=_pruner(o.pruner, o.prune_after))

@@ -550,7 +550,11 @@ class Worker:
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         retry_of = trial.user_attrs.get(RETRY_OF)
         changes, overrides = _trial_user_options(o, number, self.parent_run)
-        config = trial_config(o.space.preset, values, changes, overrides)
+        try:
+            config = trial_config(o.space.preset, values, changes, overrides)
+        except DdpmkitError:  # a combination the corners of the space did not show: fail it, say why
+            self.study.tell(trial, state=TS.FAIL)
+            raise
         logs = _study_dir(o) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"trial-{number:04d}.log"

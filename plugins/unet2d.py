@@ -28,6 +28,9 @@ class UNet2DConfig:
     attention_head_dim: channels per attention head. Default 8.
     learn_variance: also output the improved-DDPM variance interpolation (2C output channels; run
         with ``--variance learned_range``). Default False.
+    patch_size: a space-to-depth stem: the U-Net sees each p×p patch as p² channels
+        (``pixel_unshuffle``), works at resolution/p, and ``pixel_shuffle`` maps its output back; a
+        28×28 image costs about what a 14×14 one does. Default 1 (off).
     """
 
     block_out_channels: tuple[int, ...] | None = attrs.field(default=None)
@@ -37,6 +40,7 @@ class UNet2DConfig:
     norm_num_groups: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     attention_head_dim: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     learn_variance: bool = False
+    patch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
 
 
 class UNet2D(torch.nn.Module):
@@ -50,6 +54,10 @@ class UNet2D(torch.nn.Module):
         self.outputs = ("prediction", "variance") if config.learn_variance else ("prediction",)
         from diffusers import UNet2DModel
 
+        p = self.patch_size = config.patch_size
+        if resolution % p:
+            raise ddpmkit.DdpmkitError(f"unet2d patch_size={p} must divide the resolution {resolution}")
+        full, resolution, channels_in = resolution, resolution // p, channels * p * p
         widths = config.block_out_channels
         if widths is None:
             if resolution not in SEED_WIDTHS:
@@ -60,8 +68,10 @@ class UNet2D(torch.nn.Module):
             widths = SEED_WIDTHS[resolution]
         widths = tuple(int(w) for w in widths)
         if resolution % (2 ** (len(widths) - 1)):
+            inside = f" ({full}/{p} inside the patch_size={p} stem)" if p > 1 else ""
             raise ddpmkit.DdpmkitError(
-                f"unet2d with {len(widths)} blocks needs a resolution divisible by {2 ** (len(widths) - 1)}, got {resolution}"
+                f"unet2d with {len(widths)} blocks needs a resolution divisible by {2 ** (len(widths) - 1)}, "
+                f"got {resolution}{inside}"
             )
         bad = [w for w in widths if w % config.norm_num_groups]
         if bad:
@@ -71,7 +81,7 @@ class UNet2D(torch.nn.Module):
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
         self.unet = UNet2DModel(
-            sample_size=resolution, in_channels=channels, out_channels=channels * len(self.outputs),
+            sample_size=resolution, in_channels=channels_in, out_channels=channels_in * len(self.outputs),
             block_out_channels=widths, layers_per_block=config.layers_per_block,
             down_block_types=down, up_block_types=up, dropout=config.dropout,
             norm_num_groups=config.norm_num_groups, attention_head_dim=config.attention_head_dim,
@@ -79,7 +89,12 @@ class UNet2D(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, t, class_labels=class_labels).sample
+        if self.patch_size == 1:
+            return self.unet(x, t, class_labels=class_labels).sample
+        # (B, C, H, W) → (B, C·p², H/p, W/p) → U-Net → back; pixel_shuffle keeps each output channel's p² maps
+        # together, so the prediction's C channels come before the variance's.
+        h = torch.nn.functional.pixel_unshuffle(x, self.patch_size)
+        return torch.nn.functional.pixel_shuffle(self.unet(h, t, class_labels=class_labels).sample, self.patch_size)
 
 
 @ddpmkit.hookimpl

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ddpmkit
@@ -109,3 +110,24 @@ def test_check_predictor_accepts_a_zero_initialised_last_layer_and_refuses_float
     assert torch.count_nonzero(model.out.weight.grad) > 0
     with pytest.raises(AssertionError, match=r"returned a float64 tensor .* expected output in the input's dtype"):
         contract.check_predictor("zero-last-64")
+
+
+def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance():
+    """patch_size=2 at 28×28: the contract holds (shape, dtype, gradients, round trip, with and without a
+    learned variance); the stem is exactly undone: a U-Net that returns (h, −h) gives (x, −x) back, each
+    pixel in place and the prediction's channel before the variance's."""
+    from types import SimpleNamespace
+
+    opts = dict(block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(7,), patch_size=2)
+    contract.check_predictor("unet2d", resolution=28, **opts)
+    model = contract.check_predictor("unet2d", resolution=28, learn_variance=True, **opts)
+    assert model.unet.config.sample_size == 14 and model.unet.config.in_channels == 4
+    class Mirror(torch.nn.Module):
+        def forward(self, h, t, class_labels=None):
+            return SimpleNamespace(sample=torch.cat([h, -h], 1))
+
+    model.unet = Mirror()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x, torch.zeros(3, dtype=torch.long)), torch.cat([x, -x], 1))
+    with pytest.raises(ddpmkit.DdpmkitError, match="patch_size=3 must divide the resolution 28"):
+        ddpmkit.build("predictor", "unet2d", {"patch_size": 3}, channels=1, resolution=28, num_classes=None)

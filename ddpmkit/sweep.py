@@ -767,7 +767,7 @@ def _stop_run(child: subprocess.Popen, run_dir: Path) -> None:
 
 
 def _evaluations(path: Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) of each evaluation record in a metrics.jsonl that has ``key``."""
+    """(step, value) of each evaluation during training (not the final one) in a metrics.jsonl that has ``key``."""
     out = []
     try:
         text = path.read_text()
@@ -781,6 +781,8 @@ def _evaluations(path: Path, key: str) -> list[tuple[int, float]]:
         except json.JSONDecodeError:
             continue  # a line being written
         value = (rec.get("eval") or {}).get(key)
+        if rec.get("final"):  # the run's last evaluation: its value is the trial's, told at the end, not pruned on
+            continue
         if value is not None and math.isfinite(value):
             out.append((int(rec["step"]), float(value)))
     return out

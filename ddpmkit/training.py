@@ -513,7 +513,9 @@ class Trainer:
         if self.metrics and c.eval_every and self.state.epoch % c.eval_every == 0 and self.state.step < self.total:
             self.evaluate(self.sampling_pipeline())
 
-    def evaluate(self, pipe: Pipeline) -> dict[str, float]:
+    def evaluate(self, pipe: Pipeline, final: bool = False) -> dict[str, float]:
+        """Score ``eval_samples`` images with the run's metrics and log them (``final``: the end-of-run
+        evaluation that eval.json keeps; its record says so, and a sweep's pruner does not see it)."""
         n = self.config.eval_samples
         if all(getattr(m, "needs_samples", True) is False for m in self.metrics.values()):  # e.g. nll: real images
             images = torch.zeros(n, pipe.channels, pipe.resolution, pipe.resolution)
@@ -521,7 +523,7 @@ class Trainer:
             images = pipe.sample(n, seed=self.config.seed)
         context = attrs.evolve(self.metric_context(pipe), labels=pipe.class_labels(n))
         results = evaluate_images(images, self.metrics, context=context)
-        self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results})
+        self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results, **({"final": True} if final else {})})
         return results
 
     def epoch(self, bar, task) -> None:
@@ -572,7 +574,7 @@ class Trainer:
             save_model_file(self.run_dir / "model.safetensors", pipe.model.state_dict(), self.parts.resolved)
         if self.metrics:
             write_json(self.run_dir / "eval.json", {"step": self.state.step, "samples": self.config.eval_samples,
-                                                    "results": self.evaluate(pipe)})
+                                                    "results": self.evaluate(pipe, final=True)})
         return pipe
 
     # -- stopping on a signal ------------------------------------------------------

@@ -105,3 +105,22 @@ def test_a_missing_metric_result_stops_the_sweep(tmp_path, monkeypatch):
     assert "metric 'nll' gave no 'nll_bits'" in r.stderr and "nll_bpd" in r.stderr
     trials = trials_of(f"sqlite:///{tmp_path / 'runs' / 'miss' / 'optuna.db'}", "miss")
     assert [t.state.name for t in trials] == ["FAIL"]
+
+
+def test_the_final_evaluation_is_the_trial_s_value_not_a_pruning_point(tmp_path):
+    """The pruner sees the evaluations made during training; the run's last one (``"final": true``, what
+    eval.json keeps) is told as the trial's value instead, so a finished trial is never pruned at its end."""
+    import ddpmkit
+    from ddpmkit.sweep import _evaluations
+
+    config = ddpmkit.RunConfig.from_dict({"dataset": {"name": "mnist-5k", "options": {"limit": 32, "resolution": 16}},
+                                          "predictor": {"name": "unet2d", "options": {
+                                              "block_out_channels": (8, 16), "norm_num_groups": 4,
+                                              "attention_resolutions": (8,), "layers_per_block": 1}},
+                                          "schedule": {"name": "linear", "options": {"timesteps": 10}},
+                                          "epochs": 2, "batch_size": 16, "metrics": ("nll",), "eval_every": 1,
+                                          "eval_samples": 4, "loggers": ("jsonl",)})
+    ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(r["step"], r.get("final", False)) for r in records] == [(2, False), (4, True)]
+    assert _evaluations(tmp_path / "run" / "metrics.jsonl", "nll_bpd") == [(2, records[0]["eval"]["nll_bpd"])]

@@ -507,7 +507,9 @@ def sweep(space_file, metric, objective, direction, trials, study, storage, runs
                            study=study or Path(space_file).stem, storage=storage, runs_dir=runs, pruner=pruner,
                            prune_after=prune_after, seed=seed, eval_every=eval_every, eval_samples=eval_samples,
                            overrides=_parse_sets(sets, KINDS, "sweep"), loggers=tuple(logger_names), device=device,
-                           nproc_per_trial=nproc_per_trial, heartbeat=heartbeat)
+                           nproc_per_trial=nproc_per_trial, heartbeat=heartbeat,
+                           # the ddpmkit command runs nothing with torch before its trials: it can fork them itself
+                           start_method="fork" if _COMMAND else "forkserver")
     changes, overrides = sw._trial_user_options(opts, 0, None)
     opts.space = sw.load_space(space_file, changes, overrides)
     worker = sw.Worker(opts, console=err_console)
@@ -606,7 +608,12 @@ def plugins_cmd(as_json):
         click.echo(f"{KIND_BY_NAME[kind].plural}: {', '.join(sorted(registry[kind])) or '(none)'}")
 
 
+_COMMAND = False  # True in the `ddpmkit` process itself, False where a program or a test calls the CLI
+
+
 def main():
+    global _COMMAND
+    _COMMAND = True
     cli(prog_name="ddpmkit")
 
 

@@ -396,6 +396,7 @@ class SweepOptions:
     device: str = "auto"
     nproc_per_trial: int = 1
     heartbeat: int = 30
+    start_method: str = "forkserver"  # how one-process trials start (see _start); the CLI's worker forks
 
 
 def _pruner(name: str, prune_after: int = 3):
@@ -565,16 +566,18 @@ class Worker:
                 shutil.rmtree(run_dir)
             shutil.copytree(old_dir, run_dir, ignore=shutil.ignore_patterns(".ddpmkit.lock", "trial.json", "tb"))
             args = ["run", "--resume", str(run_dir)]
+            spec = {"resume": True, "config": None, "run_dir": str(run_dir), "device": o.device}
             resumed_from = str(old_dir)
         else:
             cfg_path = _study_dir(o) / "configs" / f"trial-{number:04d}.json"
             _write_json(cfg_path, config.to_dict())
             args = ["run", "--config", str(cfg_path), "--out", str(run_dir), "--overwrite"]
+            spec = {"resume": False, "config": str(cfg_path), "run_dir": str(run_dir), "device": o.device}
         args += ["--no-progress", "--device", o.device]
         shown = ", ".join(f"{p.name}={_fmt(values[p.name])}" for p in o.space.searched)
         self.say(f"trial {number}: {shown}" + (f" (resumes trial {retry_of})" if resumed_from else ""))
         t0 = time.time()
-        state, value, pruned_at, note = self._watch(trial, args, run_dir, log_path)
+        state, value, pruned_at, note = self._watch(trial, (args, spec), run_dir, log_path)
         record = {"study": o.study, "number": number, "params": values, "state": state, "value": value,
                   "objective": f"{o.metric}:{o.objective}", "direction": o.direction,
                   "seconds": round(time.time() - t0, 1), "log": str(log_path), "resumed_from": resumed_from}
@@ -613,7 +616,7 @@ class Worker:
         pruned_at = None
         last_beat = 0.0
         with open(log_path, "ab") as log:
-            self.child = _start(args, o.nproc_per_trial, log)
+            self.child = _start(*args, o.nproc_per_trial, log, o.start_method)
             try:
                 while True:
                     rc = self.child.poll()
@@ -662,9 +665,14 @@ class SweepStopped(Interrupted):
                          "and resumes from its checkpoint. Run the same command to continue.", signum)
 
 
-def _start(args: list[str], nproc: int, log):
-    """Start a trial's ``ddpmkit run`` in a process of its own, its output going to ``log``. One process: a fork
-    of a server that has imported torch and diffusers already (seconds saved per trial); several: ``torchrun``. Either way the trial gets SIGTERM (checkpoint, exit) if the worker dies, even by SIGKILL."""
+def _start(args: list[str], spec: dict, nproc: int, log, start_method: str = "forkserver"):
+    """Start a trial in a process of its own, its output going to ``log``. Several processes: ``ddpmkit run``
+    under ``torchrun`` (``args``). One: the training API in a process forked (``spec``) either from this worker
+    (``start_method="fork"``, what the CLI does: the worker has imported torch but run nothing with it) or
+    from multiprocessing's fork server (the default for a worker embedded in a program that may have run
+    torch: a process that has used torch's OpenMP threads cannot fork safely). Either fork has torch and
+    diffusers imported already: a trial starts in well under a second. Each trial stops (checkpoint, exit)
+    when its worker is gone, even killed by SIGKILL."""
     if nproc > 1 or not sys.platform.startswith("linux"):
         cmd = [sys.executable, "-m", "ddpmkit", *args]
         if nproc > 1:
@@ -672,28 +680,32 @@ def _start(args: list[str], nproc: int, log):
                    "-m", "ddpmkit", *args]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return _Forked(args, Path(log.name))
+    return _Forked(spec, Path(log.name), start_method)
 
 
-#: What the fork server imports once; each trial forked from it starts with these loaded.
-PRELOAD = ["ddpmkit.cli", "ddpmkit.training", "ddpmkit.evaluation", "diffusers.models.unets.unet_2d"]
+#: What every trial imports: loaded once, before the trials are forked.
+PRELOAD = ["ddpmkit.training", "ddpmkit.evaluation", "diffusers.models.unets.unet_2d"]
 
 
-def _trial_context():
-    """multiprocessing's fork server, with what every trial imports loaded once. A trial is forked from that
-    clean server, never from the worker itself: a process that has run torch (OpenMP) cannot fork safely."""
+def _trial_context(start_method: str):
+    import importlib
     import multiprocessing
 
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    else:
+        for name in PRELOAD:
+            importlib.import_module(name)
     return ctx
 
 
 class _Forked:
-    """A trial process forked from the fork server, with the part of :class:`subprocess.Popen` the worker uses."""
+    """A forked trial process, with the part of :class:`subprocess.Popen` the worker uses."""
 
-    def __init__(self, args: list[str], log_path: Path):
-        self.proc = _trial_context().Process(target=_trial_main, args=(args, str(log_path), os.getpid()), daemon=False)
+    def __init__(self, spec: dict, log_path: Path, start_method: str):
+        self.proc = _trial_context(start_method).Process(target=_trial_main, args=(spec, str(log_path), os.getpid()),
+                                                         daemon=False)
         self.proc.start()
         self.pid = self.proc.pid
         self.returncode: int | None = None
@@ -709,10 +721,12 @@ class _Forked:
         return self.poll()
 
 
-def _trial_main(args: list[str], log_path: str, worker_pid: int) -> None:
+def _trial_main(spec: dict, log_path: str, worker_pid: int) -> None:
     """The forked trial: output to the log, a new session, default signal handlers, a watch on the worker (gone:
-    SIGTERM to itself, so the run checkpoints and exits), then ``ddpmkit run``."""
+    SIGTERM to itself, so the run checkpoints and exits), then the run, as ``ddpmkit run`` would do it: a
+    :class:`DdpmkitError` is one line and exit 2, a stop on a signal exits 128 + signal."""
     import threading
+
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -723,9 +737,26 @@ def _trial_main(args: list[str], log_path: str, worker_pid: int) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_DFL)
     threading.Thread(target=_watch_worker, args=(worker_pid,), daemon=True).start()
-    from .cli import cli
+    from rich.console import Console
 
-    cli.main(args=args, prog_name="ddpmkit")
+    from .config import load_config_file
+    from .training import resumed_config, train
+
+    console, run_dir, t0 = Console(stderr=True), spec["run_dir"], time.perf_counter()
+    try:
+        if spec["resume"]:
+            train(resumed_config(run_dir), run_dir, device=spec["device"], progress=False, console=console, resume=True)
+            print(f"Resumed and finished in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}", flush=True)
+        else:
+            train(load_config_file(spec["config"]), run_dir, device=spec["device"], progress=False, console=console,
+                  overwrite=True)
+            print(f"Trained in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}", flush=True)
+    except DdpmkitError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
 
 
 def _alive(pid: int) -> bool:

@@ -39,8 +39,11 @@ class DigitCNN(nn.Module):
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
-    """Any (N, C, H, W) in [-1, 1] → (N, 1, 32, 32): channel mean, bilinear resize."""
+    """Any (N, C, H, W) in [-1, 1] → (N, 1, 32, 32): channel mean; 28×28 (MNIST's own size) padded with
+    background to 32, as the classifier was trained; any other size resized (bilinear)."""
     x = images.float().mean(dim=1, keepdim=True)
+    if x.shape[-1] == 28 and x.shape[-2] == 28:
+        return F.pad(x, (2, 2, 2, 2), value=-1.0)
     if x.shape[-1] != 32 or x.shape[-2] != 32:
         x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
     return x
@@ -140,6 +143,8 @@ class DigitScore:
             "digit_confidence": float(conf.mean()),
             "digit_clear_fraction": float((conf > self.config.threshold).double().mean()),
             "digit_classes_effective": float(entropy.exp()),  # 10 when every digit is as frequent
+            "digit_classes_present": float((q > 0).sum()),  # digits drawn at least once
+            "digit_rarest_share": float(q.min()),  # share of the least drawn digit (0.1 when all are equal)
         }
         labels = getattr(context, "labels", None)
         if labels is not None:

@@ -31,6 +31,9 @@ class UNet2DConfig:
     patch_size: a space-to-depth stem: the U-Net sees each p×p patch as p² channels
         (``pixel_unshuffle``), works at resolution/p, and ``pixel_shuffle`` maps its output back; a
         28×28 image costs about what a 14×14 one does. Default 1 (off).
+    pad: pixels of zeros added on every side before the stem and cropped from the output, so that a
+        side the levels cannot halve works at one they can (28 + 2·2 = 32: patch_size 2 → 16 → 8 → 4).
+        Default 0.
     """
 
     block_out_channels: tuple[int, ...] | None = attrs.field(default=None)
@@ -41,6 +44,7 @@ class UNet2DConfig:
     attention_head_dim: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     learn_variance: bool = False
     patch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    pad: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 class UNet2D(torch.nn.Module):
@@ -55,9 +59,12 @@ class UNet2D(torch.nn.Module):
         from diffusers import UNet2DModel
 
         p = self.patch_size = config.patch_size
-        if resolution % p:
-            raise ddpmkit.DdpmkitError(f"unet2d patch_size={p} must divide the resolution {resolution}")
-        full, resolution, channels_in = resolution, resolution // p, channels * p * p
+        self.pad = config.pad
+        padded = resolution + 2 * config.pad
+        if padded % p:
+            raise ddpmkit.DdpmkitError(f"unet2d patch_size={p} must divide the resolution {padded}"
+                                       + (f" ({resolution} + 2·pad)" if config.pad else ""))
+        full, resolution, channels_in = padded, padded // p, channels * p * p
         widths = config.block_out_channels
         if widths is None:
             if resolution not in SEED_WIDTHS:
@@ -89,12 +96,15 @@ class UNet2D(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.patch_size == 1:
+        if self.patch_size == 1 and not self.pad:
             return self.unet(x, t, class_labels=class_labels).sample
+        k, F = self.pad, torch.nn.functional
+        h = F.pad(x, (k, k, k, k)) if k else x
         # (B, C, H, W) → (B, C·p², H/p, W/p) → U-Net → back; pixel_shuffle keeps each output channel's p² maps
         # together, so the prediction's C channels come before the variance's.
-        h = torch.nn.functional.pixel_unshuffle(x, self.patch_size)
-        return torch.nn.functional.pixel_shuffle(self.unet(h, t, class_labels=class_labels).sample, self.patch_size)
+        h = F.pixel_shuffle(self.unet(F.pixel_unshuffle(h, self.patch_size), t, class_labels=class_labels).sample,
+                            self.patch_size)
+        return h[..., k:h.shape[-2] - k, k:h.shape[-1] - k] if k else h
 
 
 @ddpmkit.hookimpl

@@ -131,3 +131,13 @@ def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance()
     assert torch.equal(model(x, torch.zeros(3, dtype=torch.long)), torch.cat([x, -x], 1))
     with pytest.raises(ddpmkit.DdpmkitError, match="patch_size=3 must divide the resolution 28"):
         ddpmkit.build("predictor", "unet2d", {"patch_size": 3}, channels=1, resolution=28, num_classes=None)
+    # pad=2: 28 + 4 = 32 → 16 inside, three levels; the padding is cropped away again, pixel for pixel
+    padded = contract.check_predictor("unet2d", resolution=28, **{**opts, "block_out_channels": (8, 16, 16),
+                                                                   "attention_resolutions": (8,), "pad": 2})
+    assert padded.unet.config.sample_size == 16
+    class Same(torch.nn.Module):
+        def forward(self, h, t, class_labels=None):
+            return SimpleNamespace(sample=h)
+
+    padded.unet = Same()
+    assert torch.equal(padded(x, torch.zeros(3, dtype=torch.long)), x)

@@ -43,11 +43,19 @@ def space(tmp_path: Path, body: str, name: str = "space") -> Path:
 
 def worker(tmp_path, space_file, *args, storage=None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ddpmkit", "sweep", "--space", str(space_file), "--runs-dir", str(tmp_path / "runs"),
-           "--device", "cpu", *args]
+           "--device", "cpu", "--logger", "jsonl", *args]
     if storage:
         cmd += ["--storage", storage]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def sweep_here(tmp_path, space_file, *args) -> tuple[str, str]:
+    """A worker in this process (its trials fork from multiprocessing's fork server): (stdout, stderr)."""
+    r = CliRunner().invoke(cli, ["sweep", "--space", str(space_file), "--runs-dir", str(tmp_path / "runs"),
+                                 "--device", "cpu", "--logger", "jsonl", *args])
+    assert r.exit_code == 0, r.output
+    return r.stdout, r.stderr
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 optuna = pytest.importorskip("optuna", reason="the sweep extra (optuna) is not installed")
 
 from ddpmkit.cli import cli  # noqa: E402
-from test_sweep import finish, space, trials_of, worker  # noqa: E402
+from test_sweep import space, sweep_here, trials_of, worker  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -33,7 +32,7 @@ def test_a_failed_trial_does_not_stop_the_sweep_and_a_poor_one_is_pruned(tmp_pat
     for params in ({"schedule.timesteps": 20, "lr": 1e-3}, {"schedule.timesteps": 20, "lr": 1e6},
                    {"schedule.timesteps": 3, "lr": 1e-3}):
         study.enqueue_trial(params)
-    out, err = finish(worker(tmp_path, sp, "--metric", "nll", "--trials", "3", "--prune-after", "1"))
+    out, err = sweep_here(tmp_path, sp, "--metric", "nll", "--trials", "3", "--prune-after", "1")
     states = [t.state.name for t in trials_of(url, "prune")]
     assert states == ["COMPLETE", "FAIL", "PRUNED"], err
     failed = json.loads((tmp_path / "runs" / "prune" / "trial-0001" / "trial.json").read_text())
@@ -71,7 +70,7 @@ def test_a_killed_worker_s_trial_resumes_from_its_checkpoint(tmp_path):
     killed_at = max(int(p.stem.split("-")[1]) for p in (run0 / "checkpoints").glob("step-*.safetensors"))
     assert 0 < killed_at < 60
     time.sleep(2.5)  # two heartbeats: the trial is stale
-    out, err = finish(worker(tmp_path, sp, *args))
+    out, err = sweep_here(tmp_path, sp, *args)
     url = f"sqlite:///{tmp_path / 'runs' / 'resume' / 'optuna.db'}"
     trials = trials_of(url, "resume")
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
@@ -100,7 +99,8 @@ def test_a_missing_metric_result_stops_the_sweep(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["sweep", "--space", str(sp), "--metric", "nll", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "give --objective KEY and --direction" in r.stderr
     r = CliRunner().invoke(cli, ["sweep", "--space", str(sp), "--metric", "nll", "--objective", "nll_bits",
-                                 "--direction", "minimize", "--runs-dir", str(tmp_path / "runs"), "--trials", "3"])
+                                 "--direction", "minimize", "--runs-dir", str(tmp_path / "runs"), "--trials", "3",
+                                 "--logger", "jsonl"])
     assert r.exit_code == 2, r.output
     assert "metric 'nll' gave no 'nll_bits'" in r.stderr and "nll_bpd" in r.stderr
     trials = trials_of(f"sqlite:///{tmp_path / 'runs' / 'miss' / 'optuna.db'}", "miss")

@@ -113,13 +113,12 @@ def test_check_predictor_accepts_a_zero_initialised_last_layer_and_refuses_float
 
 
 def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance():
-    """patch_size=2 at 28×28: the contract holds (shape, dtype, gradients, round trip, with and without a
-    learned variance); the stem is exactly undone: a U-Net that returns (h, −h) gives (x, −x) back, each
+    """patch_size=2 at 28×28: the contract holds (shape, dtype, gradients, round trip; with a learned variance,
+    and with pad=2); the stem is exactly undone: a U-Net that returns (h, −h) gives (x, −x) back, each
     pixel in place and the prediction's channel before the variance's."""
     from types import SimpleNamespace
 
     opts = dict(block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(7,), patch_size=2)
-    contract.check_predictor("unet2d", resolution=28, **opts)
     model = contract.check_predictor("unet2d", resolution=28, learn_variance=True, **opts)
     assert model.unet.config.sample_size == 14 and model.unet.config.in_channels == 4
     class Mirror(torch.nn.Module):

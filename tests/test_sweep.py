@@ -73,7 +73,8 @@ def trials_of(storage: str, study: str):
 # --------------------------------------------------------------------------
 def two_workers_share_a_study(tmp_path, storage: str | None, digit_cache):
     """Two `ddpmkit sweep` processes started together on one storage: 4 trials in all, each number once,
-    every trial complete, both workers ran trials, each trial an ordinary run directory."""
+    every trial complete, both workers ran trials, the [[enqueue]] trial first; each trial an ordinary run
+    directory whose configuration and score are the study's."""
     sp = space(tmp_path, 'max_steps = 4\neval_samples = 8\nlr = {log_uniform = [1e-4, 1e-2]}\n'
                          'schedule = ["linear", "cosine"]\n"schedule.timesteps" = {int = [10, 30]}\n'
                          '[[enqueue]]\nlr = 2e-3\nschedule = "linear"\n"schedule.timesteps" = 20\n')
@@ -82,8 +83,7 @@ def two_workers_share_a_study(tmp_path, storage: str | None, digit_cache):
     outs = [finish(p) for p in procs]
     url = storage or f"sqlite:///{tmp_path / 'runs' / 'shared' / 'optuna.db'}"
     trials = trials_of(url, "shared")
-    numbers = [t.number for t in trials]
-    assert sorted(numbers) == [0, 1, 2, 3], numbers
+    assert [t.number for t in trials] == [0, 1, 2, 3]
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert trials[0].params == {"lr": 2e-3, "schedule": "linear", "schedule.timesteps": 20}  # [[enqueue]]: once
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4

@@ -45,6 +45,14 @@ def test_a_failed_trial_does_not_stop_the_sweep_and_a_poor_one_is_pruned(tmp_pat
     assert "trial 2: pruned at step 4" in err
     r = CliRunner().invoke(cli, ["sweep", "--show", "--study", "prune", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 0 and "1 complete, 1 fail, 1 pruned" in r.output, r.output
+    # The completed trial's last evaluation is marked final: its value is the trial's, never a pruning point.
+    from ddpmkit.sweep import _evaluations
+
+    log = tmp_path / "runs" / "prune" / "trial-0000" / "metrics.jsonl"
+    evals = [json.loads(x) for x in log.read_text().splitlines() if '"eval"' in x]
+    assert [(e["step"], e.get("final", False)) for e in evals] == [(4 * k, False) for k in range(1, 10)] + [(40, True)]
+    assert _evaluations(log, "nll_bpd") == [(e["step"], e["eval"]["nll_bpd"]) for e in evals[:-1]]
+    assert trials_of(url, "prune")[0].value == pytest.approx(evals[-1]["eval"]["nll_bpd"])
 
 
 def test_a_killed_worker_s_trial_resumes_from_its_checkpoint(tmp_path):
@@ -105,22 +113,3 @@ def test_a_missing_metric_result_stops_the_sweep(tmp_path, monkeypatch):
     assert "metric 'nll' gave no 'nll_bits'" in r.stderr and "nll_bpd" in r.stderr
     trials = trials_of(f"sqlite:///{tmp_path / 'runs' / 'miss' / 'optuna.db'}", "miss")
     assert [t.state.name for t in trials] == ["FAIL"]
-
-
-def test_the_final_evaluation_is_the_trial_s_value_not_a_pruning_point(tmp_path):
-    """The pruner sees the evaluations made during training; the run's last one (``"final": true``, what
-    eval.json keeps) is told as the trial's value instead, so a finished trial is never pruned at its end."""
-    import ddpmkit
-    from ddpmkit.sweep import _evaluations
-
-    config = ddpmkit.RunConfig.from_dict({"dataset": {"name": "mnist-5k", "options": {"limit": 32, "resolution": 16}},
-                                          "predictor": {"name": "unet2d", "options": {
-                                              "block_out_channels": (8, 16), "norm_num_groups": 4,
-                                              "attention_resolutions": (8,), "layers_per_block": 1}},
-                                          "schedule": {"name": "linear", "options": {"timesteps": 10}},
-                                          "epochs": 2, "batch_size": 16, "metrics": ("nll",), "eval_every": 1,
-                                          "eval_samples": 4, "loggers": ("jsonl",)})
-    ddpmkit.train(config, tmp_path / "run", device="cpu", progress=False, sample_grid=False)
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
-    assert [(r["step"], r.get("final", False)) for r in records] == [(2, False), (4, True)]
-    assert _evaluations(tmp_path / "run" / "metrics.jsonl", "nll_bpd") == [(2, records[0]["eval"]["nll_bpd"])]

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import json
 import os
@@ -60,13 +62,16 @@ def clear_run_files(run_dir: Path) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on Linux a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
@@ -103,7 +108,7 @@ class RunLock:
             if holder.get("host") not in (host, None):  # flock may not reach across machines
                 os.close(fd)
                 self._refuse(holder, f" (if it is gone, delete {self.path})")
-            if _alive(int(holder["pid"])):  # a file system where flock does not hold
+            if pid_alive(int(holder["pid"])):  # a file system where flock does not hold
                 os.close(fd)
                 self._refuse(holder)
             warnings.warn(f"run directory '{self.run_dir}' was locked by process {holder['pid']} on {host}, which "

@@ -759,21 +759,10 @@ def _trial_main(spec: dict, log_path: str, worker_pid: int) -> None:
         sys.exit(exc.exit_code)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def _watch_worker(pid: int) -> None:
-    while _alive(pid):
+    from .rundir import pid_alive
+
+    while pid_alive(pid):
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGTERM)
 

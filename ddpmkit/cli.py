@@ -536,7 +536,7 @@ def _show_study(sw, name, storage_url, runs: Path, metric, top, storage_obj=None
                            "if it lives elsewhere")
     storage = storage_obj or sw.open_storage(url, heartbeat=None)
     study = sw.load_study(name, storage)
-    info = sw.summary(study, runs)
+    info = sw.summary(study)
     if metric is not None and info.get("metric") not in (None, metric):
         raise DdpmkitError(f"study '{name}' scores {info['metric']}:{info.get('objective')}, not {metric}")
     done = [t for t in info["trials"] if t["state"] == "complete"]

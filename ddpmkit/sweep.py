@@ -612,7 +612,7 @@ class Worker:
         key = o.objective
         study_id = self.storage.get_study_id_from_name(o.study)
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        reported: set[int] = set()
+        reported: dict[int, float] = {}  # step → value told to Optuna
         pruned_at = None
         last_beat = 0.0
         with open(log_path, "ab") as log:
@@ -627,7 +627,7 @@ class Worker:
                     for step, value in _evaluations(run_dir / "metrics.jsonl", key):
                         if step in reported or pruned_at is not None:
                             continue
-                        reported.add(step)
+                        reported[step] = value
                         trial.report(value, step)
                         if trial.should_prune():
                             pruned_at = step
@@ -641,7 +641,7 @@ class Worker:
                     self.child.wait()
                 rc, self.child = self.child.returncode, None
         if pruned_at is not None:
-            value = _last_value(run_dir, key, pruned_at)
+            value = reported[pruned_at]
             return "pruned", None, pruned_at, f"{key} = {value:.6g} at step {pruned_at}: pruned by the {o.pruner} pruner"
         if self.stop_signal is not None and rc != 0:
             return "stopped", None, None, f"signal {self.stop_signal}"
@@ -808,10 +808,6 @@ def _evaluations(path: Path, key: str) -> list[tuple[int, float]]:
     return out
 
 
-def _last_value(run_dir: Path, key: str, step: int) -> float:
-    return dict(_evaluations(run_dir / "metrics.jsonl", key)).get(step, float("nan"))
-
-
 def _last_error(log_path: Path, rc: int) -> str:
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error")]
@@ -851,7 +847,7 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------
-def summary(study, runs_dir: Path) -> dict:
+def summary(study) -> dict:
     """Every trial of ``study`` (number, state, value, params, run directory) and the best one."""
     trials = []
     for t in study.get_trials(deepcopy=False):

@@ -1,7 +1,7 @@
 """Classifier-free guidance sweep: guidance weight W against conditional accuracy and digit-score IS.
 
     python benchmarks/guidance_sweep.py runs/cond --weights 0,1,2,3,5 -n 500 --steps 50 \
-        --plot docs/images/guidance-sweep.png --grid docs/images/laptop-cond-samples.png
+        --plot docs/images/guidance-sweep.png --grid docs/images/tiny-cond-samples.png
 
 For each W it draws n samples in equal blocks of every class (DDIM with --steps network calls by
 default; --sampler ddpm for Algorithm 2), scores them with ``digit-score`` given the classes asked

@@ -18,7 +18,7 @@ With a digit checkpoint, the offline ``digit-score`` of each row's samples is pr
 
     python benchmarks/sampling_speed.py [CHECKPOINT] [-n 64] [--rounds 2] [--device auto]
 
-Without a checkpoint, a randomly initialised laptop-preset UNet is timed (speed only).
+Without a checkpoint, a randomly initialised tiny-preset UNet is timed (speed only).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from ddpmkit.export import export_diffusers
 
 
 def laptop_checkpoint(run_dir: str, timesteps: int | None = None) -> str:
-    """A laptop-preset run trained for one step, written to ``run_dir`` (its weights are all but
+    """A tiny-preset (16×16) run trained for one step, written to ``run_dir`` (its weights are all but
     the initial ones, and cost the same to run as trained ones)."""
-    config = ddpmkit.preset_config("laptop")
+    config = ddpmkit.preset_config("tiny")
     config.max_steps, config.ema_decay = 1, None
     if timesteps:
         config.schedule.options["timesteps"] = timesteps

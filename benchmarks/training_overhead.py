@@ -4,7 +4,7 @@ Both run in this process, interleaved in rounds, so machine noise hits both alik
 median step time of each and their ratio (goal: ddpmkit ≤ 1.03× the plain loop), and each one's
 peak memory: the rise of the process's peak resident memory while it runs (on the CPU).
 
-    python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--preset laptop]
+    python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--preset tiny]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--preset", default="laptop")
+    p.add_argument("--preset", default="tiny")
     args = p.parse_args()
     config = ddpmkit.preset_config(args.preset)
     config.loss.name, config.loss.options = "smoothl1", {}

@@ -108,7 +108,7 @@ def _parse_sets(sets: tuple[str, ...], allowed: tuple[str, ...] = KINDS, command
 
 # Flags of `ddpmkit run` that set a RunConfig field of the same name (None: not given).
 RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
-              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "grad_accum", "grad_clip",
+              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "lr_decay", "grad_accum", "grad_clip",
               "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
               "eval_samples", "class_conditional", "label_dropout")
 
@@ -138,7 +138,7 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 
 
 @cli.command()
-@click.option("--preset", default=None, help="Start from a preset: laptop (default), laptop-cond (class-conditional), mnist, aircraft (the seed's Table 1).")
+@click.option("--preset", default=None, help="Start from a preset: laptop (default), tiny-cond (class-conditional), mnist, aircraft (the seed's Table 1).")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="Start from a configuration file instead of a preset: an earlier run's config.json (run it again "
                    "like that one) or a JSON object of RunConfig fields. The other flags change it.")
@@ -181,6 +181,8 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Learning-rate warm-up steps.")
+@click.option("--lr-decay", type=click.Choice(["constant", "cosine", "linear"]), default=None,
+              help="After the warm-up: keep the learning rate (constant) or bring it down to 0 at the last step.")
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over N micro-batches per step.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default: by epochs).")

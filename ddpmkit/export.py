@@ -26,6 +26,11 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
     if not isinstance(unet, UNet2DModel):
         raise DdpmkitError(f"export to diffusers needs a predictor wrapping UNet2DModel (such as unet2d); "
                            f"this run uses '{pipe.config.predictor.name}'")
+    stem = {k: getattr(pipe.model, k) for k in ("patch_size", "pad") if getattr(pipe.model, k, 0) not in (0, 1)}
+    if stem:
+        raise DdpmkitError("export to diffusers: this U-Net works behind a space-to-depth stem ("
+                           + ", ".join(f"{k}={v}" for k, v in stem.items()) + "), which DDPMPipeline cannot run; "
+                           "train with --preset tiny or --set predictor.patch_size=1 --set predictor.pad=0 to export")
     d = pipe.diffusion
     scheduler = DDPMScheduler(num_train_timesteps=d.num_timesteps, trained_betas=d.betas.tolist(),
                               variance_type=d.variance_type, clip_sample=d.clip_sample,

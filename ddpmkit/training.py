@@ -341,9 +341,7 @@ class Trainer:
     def _optimisation(self) -> None:
         c, model = self.config, self.model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
-        warm = max(0, c.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = self.ema_model = None
         if c.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -356,6 +354,18 @@ class Trainer:
                 model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
         if self.fast.compile:
             self.net = torch.compile(self.net)
+
+    def _lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) over ``lr``: a linear warm-up over
+        ``warmup_steps``, then constant, or a cosine or linear fall to 0 at the last of the run's steps."""
+        c, warm = self.config, max(0, self.config.warmup_steps)
+        if step < warm:
+            return (step + 1) / warm
+        if c.lr_decay == "constant":
+            return 1.0
+        left = max(1, self.total - warm)
+        done = min(1.0, (step - warm) / left)
+        return 0.5 * (1.0 + math.cos(math.pi * done)) if c.lr_decay == "cosine" else 1.0 - done
 
     # -- the training state -------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,7 +17,7 @@ torch.set_num_threads(_THREADS)
 
 TINY_UNET = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
              "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
-TINY_RUN = ["--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
+TINY_RUN = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
             *TINY_UNET, "--batch-size", "16", "--max-steps", "3", "--samples", "4", "--no-progress",
             "--device", "cpu"]
 

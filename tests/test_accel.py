@@ -32,8 +32,8 @@ def small_unet(seed=0):
 
 
 def laptop(max_steps, limit=200, timesteps=None, **changes):
-    """The laptop preset cut down to a few steps on a few images."""
-    config = ddpmkit.preset_config("laptop")
+    """The tiny preset (16×16) cut down to a few steps on a few images."""
+    config = ddpmkit.preset_config("tiny")
     config.max_steps, config.ema_decay = max_steps, None
     config.dataset.options["limit"] = limit
     if timesteps:

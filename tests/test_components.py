@@ -90,8 +90,23 @@ def test_presets_are_the_seed_table_1():
     assert aircraft.dataset.options["split"] == "all"      # trainval + test = 10,000 images
     # the defaults are the laptop preset, and presets are independent copies
     laptop = ddpmkit.preset_config(None)
+    assert laptop.preset == "laptop"
+    timesteps = laptop.schedule.options["timesteps"]
     laptop.schedule.options["timesteps"] = 7
-    assert ddpmkit.preset_config("laptop").schedule.options["timesteps"] == 1000
+    laptop.predictor.options["patch_size"] = 4
+    assert ddpmkit.preset_config("laptop").schedule.options["timesteps"] == timesteps != 7
+    assert ddpmkit.preset_config("laptop").predictor.options["patch_size"] == 2
+    assert "patch_size" not in ddpmkit.preset_config("tiny").predictor.options
+
+
+def test_laptop_is_28x28_with_the_tiny_network_behind_a_patch_stem():
+    laptop, tiny = ddpmkit.preset_config("laptop"), ddpmkit.preset_config("tiny")
+    assert laptop.dataset.options["resolution"] == 28 and tiny.dataset.options["resolution"] == 16
+    assert laptop.predictor.options == {**tiny.predictor.options, "patch_size": 2, "pad": 2}
+    # the network inside works at (28 + 2·2) / 2 = 16, the tiny preset's side: same levels, same attention
+    built = ddpmkit.build("predictor", "unet2d", laptop.predictor.options, channels=1, resolution=28)
+    assert built.unet.config.sample_size == 16
+    assert laptop.sampler.name == "euler-ancestral" and int(laptop.sampler.options["steps"]) == 20
 
 
 def test_mnist_5k_cache_holds_the_same_digits(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import ddpmkit
 import ddpmkit.testing
 from ddpmkit.cli import cli
 
-RUN = ["--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
+RUN = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
        "--batch-size", "16", "--samples", "4", "--no-progress", "--device", "cpu", "--seed", "3"]
 UNET = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]

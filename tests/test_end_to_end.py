@@ -56,7 +56,7 @@ def test_run_sample_reload_reproducible(tmp_path, tiny_args):
 
 
 def test_library_train_in_process(tmp_path):
-    config = ddpmkit.preset_config("laptop")
+    config = ddpmkit.preset_config("tiny")
     config.schedule.options["timesteps"] = 10
     config.dataset.options.update(limit=32, resolution=16)
     config.predictor.options.update(block_out_channels=(8, 16), norm_num_groups=4)

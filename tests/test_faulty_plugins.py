@@ -22,7 +22,7 @@ PRED = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_n
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
 RUN = ["--set", "schedule.timesteps=10", "--batch-size", "8", "--max-steps", "2", "--samples", "2", "--no-progress",
        "--device", "cpu"]
-DATA = ["--set", "dataset.limit=32", "--set", "dataset.resolution=16"]
+DATA = ["--preset", "tiny", "--set", "dataset.limit=32", "--set", "dataset.resolution=16"]
 NET = [*PRED, *RUN]
 TINY = [*NET, *DATA]
 

@@ -10,7 +10,7 @@ import ddpmkit
 from ddpmkit.cli import cli
 from ddpmkit.pipeline import Pipeline
 
-TINY = ["--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
+TINY = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
         "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
         "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--class-conditional"]
@@ -134,10 +134,10 @@ def test_conditional_resume_of_an_unconditional_run_is_one_line(tmp_path, tiny_a
         "Drop them to continue the run, or start a new one with --out")
 
 
-def test_laptop_cond_preset_is_the_laptop_run_made_conditional():
-    laptop, cond = ddpmkit.preset_config("laptop"), ddpmkit.preset_config("laptop-cond")
-    assert cond.class_conditional and cond.label_dropout == 0.1 and not laptop.class_conditional
-    differ = {k for k, v in cond.to_dict().items() if laptop.to_dict()[k] != v}
+def test_tiny_cond_preset_is_the_tiny_run_made_conditional():
+    tiny, cond = ddpmkit.preset_config("tiny"), ddpmkit.preset_config("tiny-cond")
+    assert cond.class_conditional and cond.label_dropout == 0.1 and not tiny.class_conditional
+    differ = {k for k, v in cond.to_dict().items() if tiny.to_dict()[k] != v}
     assert differ == {"class_conditional", "label_dropout", "num_samples", "preset"}
 
 
@@ -148,7 +148,7 @@ def test_a_short_conditional_run_on_real_digits_draws_the_class_asked_for(digit_
     with exactly this test's settings, 200 samples: W = 0 → 0.115, W = 3 → 0.49)."""
     from ddpmkit.evaluation import MetricContext
 
-    config = ddpmkit.preset_config("laptop-cond")
+    config = ddpmkit.preset_config("tiny-cond")
     config.schedule.options["timesteps"] = 100
     config.predictor.options.update(block_out_channels=(16, 32), attention_resolutions=())
     config.prediction, config.loss = "x0", ddpmkit.ComponentSpec("mse", {})

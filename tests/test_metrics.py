@@ -147,7 +147,7 @@ def test_digit_score_separates_digits_from_noise(digit_cache):
     assert good["digit_is"] > 8.0 and good["digit_confidence"] > 0.95 and good["digit_clear_fraction"] > 0.9
     assert good["digit_classes_effective"] > 9.5
     small = metric(torch.nn.functional.interpolate(real, size=(16, 16), mode="bilinear", antialias=True))
-    assert small["digit_is"] > 7.0  # the laptop default trains at 16×16
+    assert small["digit_is"] > 7.0  # the tiny preset trains at 16×16
     noise = metric(torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert noise["digit_is"] < 3.0 and noise["digit_clear_fraction"] < good["digit_clear_fraction"] - 0.3
     ones = ddpmkit.build("dataset", "mnist-5k", {"classes": "1", "limit": 200}).images
@@ -239,7 +239,8 @@ def test_digit_score_conditional_accuracy(digit_cache, tmp_path):
     assert all(scores[f"digit_is_class_{k}"] < 1.5 for k in range(10))  # one clean class each: IS near 1
     assert "digit_conditional_accuracy" not in metric(images)
     run = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["run", "--set", "dataset.limit=64", "--set", "dataset.resolution=16",
+    r = CliRunner().invoke(cli, ["run", "--preset", "tiny", "--set", "dataset.limit=64",
+                                 "--set", "dataset.resolution=16",
                                  "--set", "schedule.timesteps=10", "--set", "predictor.block_out_channels=8,16",
                                  "--set", "predictor.norm_num_groups=4", "--set", "predictor.attention_resolutions=8",
                                  "--batch-size", "16", "--max-steps", "2", "--samples", "2", "--no-progress",

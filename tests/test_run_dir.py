@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import ddpmkit
 from ddpmkit.cli import cli
 
-TINY = ["--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
+TINY = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
         "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
         "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu"]

@@ -23,6 +23,7 @@ optuna = pytest.importorskip("optuna", reason="the sweep extra (optuna) is not i
 from ddpmkit.cli import cli  # noqa: E402
 
 TINY_SPACE = """
+preset = "tiny"
 epochs = 1000
 batch_size = 16
 num_samples = 2

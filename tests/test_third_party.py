@@ -33,7 +33,7 @@ def test_install_use_uninstall(installed, tmp_path):
     listed = json.loads(ddpmkit("plugins", "--json", cwd=tmp_path).stdout)
     row = next(r for r in listed if r["name"] == "geometric")
     assert row["version"] == "0.1.0" and row["components"] == {"schedule": ["geometric"]} and row["error"] is None
-    run = ddpmkit("run", "--schedule", "geometric", "--set", "schedule.timesteps=10", "--set", "dataset.limit=32",
+    run = ddpmkit("run", "--preset", "tiny", "--schedule", "geometric", "--set", "schedule.timesteps=10", "--set", "dataset.limit=32",
                   "--set", "dataset.resolution=16", "--set", "predictor.block_out_channels=8,16",
                   "--set", "predictor.norm_num_groups=4", "--batch-size", "8", "--max-steps", "2", "--samples", "2",
                   "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run"), cwd=tmp_path)

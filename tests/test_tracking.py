@@ -94,7 +94,7 @@ def test_a_sweep_logs_each_trial_as_a_nested_run(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     space = tmp_path / "nested.toml"
-    space.write_text('epochs = 100\nmax_steps = 2\nbatch_size = 16\nnum_samples = 2\neval_samples = 4\n'
+    space.write_text('preset = "tiny"\nepochs = 100\nmax_steps = 2\nbatch_size = 16\nnum_samples = 2\neval_samples = 4\n'
                      '"dataset.limit" = 32\n"dataset.resolution" = 16\n"predictor.block_out_channels" = "8,16"\n'
                      '"predictor.norm_num_groups" = 4\n"predictor.layers_per_block" = 1\n'
                      '"predictor.attention_resolutions" = "8"\n"schedule.timesteps" = 10\nlr = [1e-3, 2e-3]\n')

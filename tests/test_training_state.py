@@ -1,6 +1,7 @@
 """Training that survives: SIGKILL + resume is bitwise identical, EMA, NaN stop, DDP, figures, export."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 import ddpmkit
 from ddpmkit.cli import cli
 
-BASE = ["--set", "dataset.limit=256", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=30",
+BASE = ["--preset", "tiny", "--set", "dataset.limit=256", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=30",
         "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
         "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--seed", "5",
@@ -43,7 +44,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
              "--set", "predictor.dropout=0.1",  # dropout: the global RNG must be restored too
              # improved DDPM's recipe: the loss-aware timestep sampler's history (full after ~19 of the 120
              # steps, then t is importance-sampled) is training state too
-             "--loss", "hybrid", "--learn-variance", "--timestep-sampler", "loss-aware"]
+             "--loss", "hybrid", "--learn-variance", "--timestep-sampler", "loss-aware",
+             "--lr-decay", "cosine"]  # the learning rate after a resume follows the same curve
     ref = tmp_path / "ref"
     r = subprocess.run(ddpmkit_cmd("run", *BASE, *steps, "--out", str(ref)), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -77,9 +79,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert names == ["step-00000100.safetensors", "step-00000110.safetensors", "step-00000120.safetensors"]
     # the metrics log has each step once
-    steps_logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()
-                    if "loss" in json.loads(l)]
-    assert steps_logged == list(range(10, 121, 10))
+    logged = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    assert [r["step"] for r in logged] == list(range(10, 121, 10))
+    # warm-up over 5 steps, then cosine from 1e-3 down to 0 at step 120 (the lr logged is the next step's)
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 5) / 115)) for r in logged]
+    assert [r["lr"] for r in logged] == pytest.approx(expected, abs=1e-12)
+    assert logged[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and logged[0]["lr"] > 9.4e-4
 
 
 def test_ema_weights_are_what_sampling_uses(tmp_path):
@@ -212,6 +217,13 @@ def test_export_to_diffusers_pipeline(tmp_path):
     assert abs(images - ours).max() < 1e-3  # same weights, betas and noise → the same images
     r = CliRunner().invoke(cli, ["export", str(run), str(out)])
     assert r.exit_code == 2 and "is not empty" in r.stderr
+    # a U-Net behind the space-to-depth stem (the laptop preset's) is no DDPMPipeline: refused, nothing written
+    stem = tmp_path / "stem"
+    assert CliRunner().invoke(cli, ["run", *BASE, "--max-steps", "1", "--set", "predictor.patch_size=2",
+                                    "--set", "predictor.pad=2", "--out", str(stem)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["export", str(stem), str(tmp_path / "stem-exported")])
+    assert r.exit_code == 2 and "space-to-depth stem (patch_size=2, pad=2)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "stem-exported").exists()
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

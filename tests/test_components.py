@@ -107,6 +107,8 @@ def test_laptop_is_28x28_with_the_tiny_network_behind_a_patch_stem():
     built = ddpmkit.build("predictor", "unet2d", laptop.predictor.options, channels=1, resolution=28)
     assert built.unet.config.sample_size == 16
     assert laptop.sampler.name == "euler-ancestral" and int(laptop.sampler.options["steps"]) == 20
+    assert laptop.class_conditional and laptop.label_dropout == 0.1 and laptop.num_samples == 100
+    assert (laptop.schedule.options["timesteps"], laptop.lr, laptop.lr_decay, laptop.epochs) == (500, 5e-3, "cosine", 11)
 
 
 def test_mnist_5k_cache_holds_the_same_digits(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ Library use::
     config = ddpmkit.preset_config("laptop")          # or ddpmkit.RunConfig(...)
     config.max_steps = 100
     pipe = ddpmkit.train(config, "runs/demo")          # Algorithm 1, writes runs/demo/
-    images = pipe.sample(16, seed=0)                   # Algorithm 2, (16, 1, 32, 32) in [-1, 1]
+    images = pipe.sample(16, seed=0)                   # Algorithm 2, (16, 1, 28, 28) in [-1, 1]
     pipe = ddpmkit.load_checkpoint("runs/demo/model.safetensors")
     betas = ddpmkit.build("schedule", "linear", {"timesteps": 300})
 """

@@ -108,8 +108,8 @@ def _parse_sets(sets: tuple[str, ...], allowed: tuple[str, ...] = KINDS, command
 
 # Flags of `ddpmkit run` that set a RunConfig field of the same name (None: not given).
 RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
-              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "lr_decay", "grad_accum", "grad_clip",
-              "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
+              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "lr_decay", "grad_accum",
+              "grad_clip", "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
               "eval_samples", "class_conditional", "label_dropout")
 
 

@@ -20,9 +20,9 @@ PACKAGE = Path(__file__).resolve().parent / "faulty_plugins"
 DIST = "ddpmkit-faulty"
 PRED = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
         "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
-RUN = ["--set", "schedule.timesteps=10", "--batch-size", "8", "--max-steps", "2", "--samples", "2", "--no-progress",
-       "--device", "cpu"]
-DATA = ["--preset", "tiny", "--set", "dataset.limit=32", "--set", "dataset.resolution=16"]
+RUN = ["--preset", "tiny", "--set", "schedule.timesteps=10", "--batch-size", "8", "--max-steps", "2", "--samples", "2",
+       "--no-progress", "--device", "cpu"]
+DATA = ["--set", "dataset.limit=32", "--set", "dataset.resolution=16"]
 NET = [*PRED, *RUN]
 TINY = [*NET, *DATA]
 

@@ -16,7 +16,8 @@ DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction
 def export_diffusers(pipe, out: str | os.PathLike) -> Path:
     """Write ``out`` so that ``diffusers.DDPMPipeline.from_pretrained(out)`` loads the model.
 
-    The predictor must wrap a diffusers ``UNet2DModel`` (attribute ``unet``, as ``unet2d`` does).
+    The predictor must wrap a diffusers ``UNet2DModel`` (attribute ``unet``, as ``unet2d`` does) with nothing
+    around it (no ``stem``).
     The scheduler gets the run's exact betas, variance type, clipping and prediction target.
     The folder is written next to ``out`` and renamed into place when complete.
     """
@@ -26,7 +27,7 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
     if not isinstance(unet, UNet2DModel):
         raise DdpmkitError(f"export to diffusers needs a predictor wrapping UNet2DModel (such as unet2d); "
                            f"this run uses '{pipe.config.predictor.name}'")
-    stem = {k: getattr(pipe.model, k) for k in ("patch_size", "pad") if getattr(pipe.model, k, 0) not in (0, 1)}
+    stem = getattr(pipe.model, "stem", None)  # unet2d: the U-Net works behind a patch_size/pad stem
     if stem:
         raise DdpmkitError("export to diffusers: this U-Net works behind a space-to-depth stem ("
                            + ", ".join(f"{k}={v}" for k, v in stem.items()) + "), which DDPMPipeline cannot run; "

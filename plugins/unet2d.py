@@ -95,8 +95,14 @@ class UNet2D(torch.nn.Module):
             time_embedding_type="positional", num_class_embeds=num_classes + 1 if num_classes else None,
         )
 
+    @property
+    def stem(self) -> dict[str, int]:
+        """The space-to-depth stem's settings (``patch_size``, ``pad``) when there is one, else ``{}``: with a
+        stem the wrapped ``unet`` alone is not the predictor (export to diffusers refuses it)."""
+        return {"patch_size": self.patch_size, "pad": self.pad} if self.patch_size > 1 or self.pad else {}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.patch_size == 1 and not self.pad:
+        if not self.stem:
             return self.unet(x, t, class_labels=class_labels).sample
         k, F = self.pad, torch.nn.functional
         h = F.pad(x, (k, k, k, k)) if k else x

@@ -121,6 +121,13 @@ def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance()
     opts = dict(block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(7,), patch_size=2)
     model = contract.check_predictor("unet2d", resolution=28, learn_variance=True, **opts)
     assert model.unet.config.sample_size == 14 and model.unet.config.in_channels == 4
+    assert model.stem == {"patch_size": 2, "pad": 0}
+    # a pad alone is a stem too (export refuses it); no patch and no pad is none
+    small = dict(block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=())
+    assert ddpmkit.build("predictor", "unet2d", {**small, "pad": 1}, channels=1, resolution=14).stem == \
+        {"patch_size": 1, "pad": 1}
+    assert ddpmkit.build("predictor", "unet2d", small, channels=1, resolution=16).stem == {}
+
     class Mirror(torch.nn.Module):
         def forward(self, h, t, class_labels=None):
             return SimpleNamespace(sample=torch.cat([h, -h], 1))

@@ -19,10 +19,9 @@ import torch
 import ddpmkit
 from ddpmkit.diffusion import GaussianDiffusion
 
-LAPTOP = {"block_out_channels": (32, 64, 64), "attention_resolutions": (8,), "layers_per_block": 1,
-          "norm_num_groups": 8}
+TINY = ddpmkit.preset_config("tiny").predictor.options  # the 16×16 preset's network
 STEM = {"patch_size": 2, "pad": 2}
-CONFIGS = {  # name: (side, unet2d options over LAPTOP, batch)
+CONFIGS = {  # name: (side, unet2d options over TINY, batch)
     "16×16 (tiny preset)": (16, {}, 64),
     "28×28, plain (levels 28, 14, 7; attention at 7)": (28, {"attention_resolutions": (7,)}, 64),
     "28×28, patch_size 2, pad 2 (inside: 16, 8, 4)": (28, STEM, 64),
@@ -38,7 +37,7 @@ def network(resolution: int, options: dict):
     options = dict(options)
     classes = options.pop("num_classes", None)
     extra = {"num_classes": classes} if classes else {}
-    return ddpmkit.build("predictor", "unet2d", {**LAPTOP, **options}, channels=1, resolution=resolution, **extra)
+    return ddpmkit.build("predictor", "unet2d", {**TINY, **options}, channels=1, resolution=resolution, **extra)
 
 
 def step_time(resolution: int, options: dict, steps: int, batch: int = 64) -> float:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import ddpmkit
+from ddpmkit.metrics import dataset_images, to_uint8_rgb
 
 
 def main() -> None:
@@ -28,14 +29,13 @@ def main() -> None:
     args = ap.parse_args()
     ds = ddpmkit.build("dataset", "mnist", {"data_root": args.data_root, "split": "test", "download": False,
                                             "resolution": args.resolution})
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.n].tolist()
+    digits = to_uint8_rgb(dataset_images(torch.utils.data.Subset(ds, order)))[:, 0]  # MNIST: one channel
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for k, i in enumerate(order.tolist()):
-        item = ds[i]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        Image.fromarray(((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), "L").save(out / f"{k:04d}.png")
-    print(f"{len(order)} real test digits at {args.resolution}×{args.resolution} in {out}")
+    for k, digit in enumerate(digits):
+        Image.fromarray(digit.numpy(), "L").save(out / f"{k:04d}.png")
+    print(f"{len(digits)} real test digits at {args.resolution}×{args.resolution} in {out}")
 
 
 if __name__ == "__main__":

@@ -565,19 +565,16 @@ class Worker:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             shutil.copytree(old_dir, run_dir, ignore=shutil.ignore_patterns(".ddpmkit.lock", "trial.json", "tb"))
-            args = ["run", "--resume", str(run_dir)]
             spec = {"resume": True, "config": None, "run_dir": str(run_dir), "device": o.device}
             resumed_from = str(old_dir)
         else:
             cfg_path = _study_dir(o) / "configs" / f"trial-{number:04d}.json"
             _write_json(cfg_path, config.to_dict())
-            args = ["run", "--config", str(cfg_path), "--out", str(run_dir), "--overwrite"]
             spec = {"resume": False, "config": str(cfg_path), "run_dir": str(run_dir), "device": o.device}
-        args += ["--no-progress", "--device", o.device]
         shown = ", ".join(f"{p.name}={_fmt(values[p.name])}" for p in o.space.searched)
         self.say(f"trial {number}: {shown}" + (f" (resumes trial {retry_of})" if resumed_from else ""))
         t0 = time.time()
-        state, value, pruned_at, note = self._watch(trial, (args, spec), run_dir, log_path)
+        state, value, pruned_at, note = self._watch(trial, spec, run_dir, log_path)
         record = {"study": o.study, "number": number, "params": values, "state": state, "value": value,
                   "objective": f"{o.metric}:{o.objective}", "direction": o.direction,
                   "seconds": round(time.time() - t0, 1), "log": str(log_path), "resumed_from": resumed_from}
@@ -606,7 +603,7 @@ class Worker:
             raise DdpmkitError(note)
         return state
 
-    def _watch(self, trial, args, run_dir: Path, log_path: Path):
+    def _watch(self, trial, spec: dict, run_dir: Path, log_path: Path):
         """Run the trial's process; report each evaluation; prune; heartbeat. → (state, value, step, note)."""
         o = self.opts
         key = o.objective
@@ -616,7 +613,7 @@ class Worker:
         pruned_at = None
         last_beat = 0.0
         with open(log_path, "ab") as log:
-            self.child = _start(*args, o.nproc_per_trial, log, o.start_method)
+            self.child = _start(spec, o.nproc_per_trial, log, o.start_method)
             try:
                 while True:
                     rc = self.child.poll()
@@ -665,15 +662,24 @@ class SweepStopped(Interrupted):
                          "and resumes from its checkpoint. Run the same command to continue.", signum)
 
 
-def _start(args: list[str], spec: dict, nproc: int, log, start_method: str = "forkserver"):
-    """Start a trial in a process of its own, its output going to ``log``. Several processes: ``ddpmkit run``
-    under ``torchrun`` (``args``). One: the training API in a process forked (``spec``) either from this worker
+def _run_args(spec: dict) -> list[str]:
+    """The ``ddpmkit run`` arguments that run a trial ``spec`` (resume its directory, or start it from its
+    configuration file)."""
+    start = ["--resume", spec["run_dir"]] if spec["resume"] else \
+        ["--config", spec["config"], "--out", spec["run_dir"], "--overwrite"]
+    return ["run", *start, "--no-progress", "--device", spec["device"]]
+
+
+def _start(spec: dict, nproc: int, log, start_method: str = "forkserver"):
+    """Start the trial ``spec`` in a process of its own, its output going to ``log``. Several processes:
+    ``ddpmkit run`` under ``torchrun``. One: the training API in a process forked either from this worker
     (``start_method="fork"``, what the CLI does: the worker has imported torch but run nothing with it) or
     from multiprocessing's fork server (the default for a worker embedded in a program that may have run
     torch: a process that has used torch's OpenMP threads cannot fork safely). Either fork has torch and
     diffusers imported already: a trial starts in well under a second. Each trial stops (checkpoint, exit)
     when its worker is gone, even killed by SIGKILL."""
     if nproc > 1 or not sys.platform.startswith("linux"):
+        args = _run_args(spec)
         cmd = [sys.executable, "-m", "ddpmkit", *args]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -7,6 +7,10 @@ Sampling (DDPM, all T steps, ``-n`` images in one batch, the same weights for ev
     diffusers DDPMPipeline fp32 | ddpmkit fp32 eager | ddpmkit fp32 + CUDA graphs |
     diffusers DDPMPipeline with a bf16 UNet | ddpmkit fast path (bf16 autocast + channels-last + TF32
     + CUDA graphs, the CUDA default) | the fast path + torch.compile
+Conditional (the default `laptop` run: class-conditional 28×28 behind the patch stem, random weights):
+    the CUDA default fast path against fp32 eager, at W = 1 and with guidance W = 3 (the doubled
+    batch), Euler-ancestral 20 and DDPM; then `ddpmkit.train` of the preset for a few steps on the
+    CUDA defaults, through its final grid — the path that crashed before the wrappers took labels.
 Training (images/s at batch 32, steady state after warm-up steps):
     a hand-written fp32 loop | ddpmkit.train fp32 | ddpmkit.train fast path (bf16 + channels-last +
     TF32, the CUDA default) | the fast path + torch.compile
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -130,6 +135,34 @@ def sampling(args, dev, results):
     results["sampling_setup"] = {"images": args.n, "T": T, "rounds": args.rounds}
 
 
+def conditional(args, dev, results):
+    config = ddpmkit.preset_config("laptop")
+    torch.manual_seed(0)
+    diffusion, _ = build_diffusion(config)
+    model, _ = build_predictor(config, DataShape(1, 28, 10))
+    pipe = Pipeline(model.to(dev).eval(), diffusion, 1, 28, config, dev, num_classes=10)
+    rows = {}
+    for sampler, opts in (("euler-ancestral", {"steps": 20}), ("ddpm", {})):
+        for w in (1.0, 3.0):
+            draw = lambda fast: pipe.sample(args.n, seed=0, batch_size=args.n, sampler=sampler,  # noqa: E731
+                                            sampler_options=opts, fast=on(dev, fast), guidance=w)
+            draw(FAST)  # warm-up: graph capture
+            ref_s, _, ref = timed(lambda: draw(FP32), dev)
+            fast_s, _, out = timed(lambda: draw(FAST), dev)
+            diff = (out.float() - ref.float()).abs()
+            rows[f"{sampler} W={w:g}"] = {"fp32_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
+                                         "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}
+            print(f"conditional {sampler} W={w:g}: {rows[f'{sampler} W={w:g}']}", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        run = ddpmkit.preset_config("laptop")
+        run.max_steps, run.num_samples = 20, 100
+        t0 = time.perf_counter()
+        ddpmkit.train(run, d, device=dev, progress=False)  # the CUDA defaults, through the final grid
+        rows["ddpmkit.train laptop, 20 steps + grid"] = {"seconds": time.perf_counter() - t0,
+                                                         "grid_bytes": os.path.getsize(f"{d}/samples.png")}
+    results["conditional"] = rows
+
+
 def plain_train(config, dev, warm, steps) -> float:
     """The hand-written loop (benchmarks/plain_loop.py) in full fp32. Returns s/step."""
     with tf32_mode(False):
@@ -181,7 +214,7 @@ def main():
     p.add_argument("--train-warmup", type=int, default=20)
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--skip", choices=["sampling", "training"], default=None)
+    p.add_argument("--skip", choices=["sampling", "conditional", "training"], default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--timesteps", type=int, default=None, help="shorter chain for a smoke run")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
@@ -190,7 +223,7 @@ def main():
     TIMESTEPS = args.timesteps
     dev = ddpmkit.resolve_device(args.device)
     results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__, "sampling": {}, "training": {}}
-    for part, fn in (("sampling", sampling), ("training", training)):
+    for part, fn in (("sampling", sampling), ("conditional", conditional), ("training", training)):
         if args.skip != part:
             fn(args, dev, results)
             if args.json:
@@ -208,6 +241,8 @@ def main():
         for a, b in (("ddpmkit fp32+graphs", "diffusers fp32"), ("ddpmkit fp32", "diffusers fp32"),
                      ("ddpmkit fast", "diffusers bf16")):
             print(f"  ratio {a} / {b} = {sm[a]['seconds'] / sm[b]['seconds']:.3f}")
+    for k, v in results.get("conditional", {}).items():
+        print(f"  conditional {k}: " + ", ".join(f"{a} {b:.4g}" for a, b in v.items()))
     if results["training"]:
         s = results["training_setup"]
         print(f"Training: batch {s['batch']}, {s['timed_steps']} timed steps after {s['warmup_steps']}, "

@@ -94,68 +94,90 @@ def model_memory_format(model: torch.nn.Module) -> torch.memory_format:
 
 
 class _Eager:
-    """``model(x, t)`` in the chosen memory format and precision; returns fp32 NCHW-contiguous output."""
+    """``model(x, t, **conditions)`` in the chosen memory format and precision; returns fp32
+    NCHW-contiguous output.
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], fast: FastPath, device: torch.device):
+    ``conditions`` are the keyword inputs of the predictor contract (``class_labels``, and whatever
+    a predictor declares in its ``conditions``); they pass through unchanged. ``t`` may be integer
+    timesteps or a continuous noise level.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], fast: FastPath, device: torch.device):
         self.fn, self.fast, self.device = fn, fast, device
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, **conditions) -> Tensor:
         if self.fast.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # cache_enabled=False: cached weight casts would not survive a CUDA graph capture.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast.precision == "bf16",
                             cache_enabled=False):
-            out = self.fn(x, t)
+            out = self.fn(x, t, **conditions)
         return out.float().contiguous()
 
 
-class _Graphed:
-    """Replays a CUDA graph of ``eager(x, t)``: one launch per step instead of one per kernel.
+def _signature(value) -> tuple:
+    """What a captured graph is specialised to for one input: a tensor's shape, dtype and device
+    (its values are copied in at every replay); any other value (``None``, a number) itself."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, str(value.device))
+    return ("value", value)
 
-    One graph per input shape, captured on first use after a warm-up on a side stream. Inputs are
-    copied into the graph's static buffers; the output is cloned, so callers may keep it.
+
+class _Graphed:
+    """Replays a CUDA graph of ``eager(x, t, **conditions)``: one launch per step instead of one per kernel.
+
+    Every tensor input — ``x``, ``t`` and each condition (class labels, a continuous noise level, the
+    doubled batch of classifier-free guidance) — is a static input of the graph: copied into the
+    graph's buffer before each replay. One graph per signature (the inputs' names, shapes and
+    dtypes, and the values of non-tensor inputs), captured on first use after a warm-up on a side
+    stream; a call whose shapes differ captures a graph of its own. The output is cloned, so callers
+    may keep it.
     """
 
     def __init__(self, eager: _Eager, warmup: int = 3):
         self.eager, self.warmup, self.graphs = eager, warmup, {}
         self.failed: str | None = None  # why capture failed; then every call runs eagerly
 
-    def _capture(self, x: Tensor, t: Tensor):
+    def _capture(self, x: Tensor, t: Tensor, **conditions):
+        static = {k: v.clone() if isinstance(v, Tensor) else v for k, v in conditions.items()}
         sx, st = x.clone(), t.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):  # cuDNN/cuBLAS choose algorithms and compile caches fill here
-                self.eager(sx, st)
+                self.eager(sx, st, **static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.eager(sx, st)
-        return sx, st, out, graph
+            out = self.eager(sx, st, **static)
+        return sx, st, static, out, graph
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, **conditions) -> Tensor:
         if self.failed:
-            return self.eager(x, t)
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
+            return self.eager(x, t, **conditions)
+        key = (_signature(x), _signature(t), tuple(sorted((k, _signature(v)) for k, v in conditions.items())))
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self.graphs[key] = self._capture(x, t)
+                entry = self.graphs[key] = self._capture(x, t, **conditions)
             except RuntimeError as exc:  # e.g. a predictor that reads values back to the host
                 self.failed = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 warnings.warn(f"the network could not be captured as a CUDA graph ({self.failed}); "
                               "sampling without graphs (--no-cuda-graphs skips the attempt)", stacklevel=2)
-                return self.eager(x, t)
-        sx, st, out, graph = entry
+                return self.eager(x, t, **conditions)
+        sx, st, static, out, graph = entry
         sx.copy_(x)
         st.copy_(t)
+        for k, v in conditions.items():
+            if isinstance(v, Tensor):
+                static[k].copy_(v)
         graph.replay()
         return out.clone()
 
 
 @contextlib.contextmanager
-def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) -> Iterator[Callable[[Tensor, Tensor], Tensor]]:
-    """``model`` as a ``fn(x, t) -> fp32 output`` running on the fast path, for the duration of the block.
+def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) -> Iterator[Callable[..., Tensor]]:
+    """``model`` as a ``fn(x, t, **conditions) -> fp32 output`` running on the fast path, for the duration of the block.
 
     Channels-last converts the model's weights in place and converts them back on exit; TF32 is set
     and restored likewise; graphs and compiled code are dropped on exit.
@@ -174,7 +196,7 @@ def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) ->
             convert(torch.channels_last)
         try:
             fn = torch.compile(model) if fast.compile else model
-            call: Callable[[Tensor, Tensor], Tensor] = _Eager(fn, fast, device)
+            call: Callable[..., Tensor] = _Eager(fn, fast, device)
             if fast.cuda_graphs:
                 call = _Graphed(call)
             yield call

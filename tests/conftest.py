@@ -151,3 +151,75 @@ def fidelity_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("fidelity") / "pt_inception-random.pth"
     torch.save(sd, path)
     return path
+
+
+class FakeCudaGraphs:
+    """CUDA graph capture stood in for on the CPU, so ``ddpmkit.accel._Graphed``'s own input handling
+    runs in the suite.
+
+    While a graph is being captured, every call of the fast path's eager network (``_Eager``) is
+    recorded with the very tensors it received — the graph's static inputs, as a real capture records
+    kernels that read those buffers — and ``replay()`` runs the recorded calls again, writing into the
+    same output tensor. A wrapper that forgot to copy one input (say, the class labels) into its static
+    buffer replays with stale values, exactly as a real graph would. ``FastPath.resolve`` is let through
+    with ``cuda_graphs=True`` on the CPU; ``captures`` and ``calls`` count captures and eager calls.
+    """
+
+    def __init__(self, monkeypatch):
+        import contextlib
+        import functools
+
+        import attrs
+
+        from ddpmkit import accel
+
+        self.active, self.captures, self.calls = None, 0, 0
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.recorded = []
+
+            def replay(self):
+                for call, args, kwargs, out in self.recorded:
+                    out.copy_(call(*args, **kwargs))
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.active, fake.captures = g, fake.captures + 1
+            try:
+                yield
+            finally:
+                fake.active = None
+
+        eager_call = accel._Eager.__call__
+
+        def recording(eager, x, t, **conditions):
+            fake.calls += 1
+            out = eager_call(eager, x, t, **conditions)
+            if fake.active is not None:
+                fake.active.recorded.append((functools.partial(eager_call, eager), (x, t), conditions, out))
+            return out
+
+        resolve = accel.FastPath.resolve
+
+        def resolve_anywhere(path, device):
+            return attrs.evolve(resolve(attrs.evolve(path, cuda_graphs=False), device),
+                                cuda_graphs=bool(path.cuda_graphs))
+
+        monkeypatch.setattr(accel._Eager, "__call__", recording)
+        monkeypatch.setattr(accel.FastPath, "resolve", resolve_anywhere)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    return FakeCudaGraphs(monkeypatch)

@@ -7,7 +7,6 @@ benchmark machine); on the CPU they are skipped and the CPU paths are checked in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import warnings
@@ -198,57 +197,13 @@ def test_graph_capture_failure_falls_back_to_eager(monkeypatch):
     assert graphed.failed == "operation not permitted when stream is capturing"
 
 
-class _FakeCapture:
-    """Stands in for CUDA graph capture on the CPU: while a graph is being captured, the network
-    records the call it made on the static buffers (as the kernels would be recorded), and
-    ``replay()`` runs those calls again, writing into the same output tensor, as a real replay does."""
-
-    def __init__(self, monkeypatch):
-        self.active, self.captures, self.calls = None, 0, 0
-        fake = self
-
-        class Graph:
-            def __init__(self):
-                self.recorded = []
-
-            def replay(self):
-                for fn, x, t, out in self.recorded:
-                    out.copy_(fn(x, t))
-
-        class Stream:
-            def wait_stream(self, other):
-                pass
-
-        @contextlib.contextmanager
-        def graph(g):
-            fake.active, fake.captures = g, fake.captures + 1
-            try:
-                yield
-            finally:
-                fake.active = None
-
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-
-    def network(self, model):
-        def run(x, t):
-            self.calls += 1
-            out = model(x, t)
-            if self.active is not None:
-                self.active.recorded.append((model, x, t, out))
-            return out
-        return run
-
-
-def test_graph_bookkeeping_replays_new_inputs_and_returns_copies(monkeypatch):
-    """_Graphed's own logic, on the CPU: inputs go into the static buffers before each replay, the
-    output handed back is a copy, one capture per input shape after the warm-up calls."""
-    fake = _FakeCapture(monkeypatch)
+def test_graph_bookkeeping_replays_new_inputs_and_returns_copies(fake_cuda_graphs):
+    """_Graphed's own logic, on the CPU (conftest's FakeCudaGraphs stands in for capture): inputs go
+    into the static buffers before each replay, the output handed back is a copy, one capture per input
+    shape after the warm-up calls."""
+    fake = fake_cuda_graphs
     model = small_unet()
-    graphed = _Graphed(_Eager(fake.network(model), FastPath.eager().resolve(CPU), CPU), warmup=3)
+    graphed = _Graphed(_Eager(model, FastPath.eager().resolve(CPU), CPU), warmup=3)
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
     with torch.inference_mode():
         first = graphed(x, t)

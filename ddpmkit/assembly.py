@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from . import contract
-from .config import RunConfig, config_to_dict
+from .config import ComponentSpec, RunConfig, config_to_dict
 from .diffusion import GaussianDiffusion
 from .errors import DdpmkitError
 from .kinds import SECTIONS
@@ -54,25 +54,56 @@ def build_diffusion(config: RunConfig) -> tuple[GaussianDiffusion, Any]:
 
 
 def build_dataset(config: RunConfig) -> tuple[Any, Any, DataShape]:
-    """The dataset, its config and its shape (checked on its first, middle and last items)."""
+    """The dataset, its config and its shape (checked on its first, middle and last items).
+
+    The shape carries the class count when the run is class-conditional: ``config.class_conditional``
+    True (the dataset must have labels), or ``None`` and the dataset has labels and a class count."""
     comp = component(config, "dataset")
     cfg = comp.build_config(config.dataset.options)
     dataset = comp.build(config=cfg)
     channels, resolution, labelled = contract.check_dataset(comp, dataset)
-    num_classes = None
-    if config.class_conditional:
-        num_classes = contract.dataset_num_classes(dataset)
-        if not labelled or not num_classes:
-            raise DdpmkitError(f"{comp.label()} has no class labels (items (image, label) and a `classes` or "
-                               "`num_classes` attribute), which a class-conditional run needs")
-        names = getattr(dataset, "classes", None)
-        return dataset, cfg, DataShape(channels, resolution, num_classes,
-                                       names if names is not None and len(names) == num_classes else None)
-    return dataset, cfg, DataShape(channels, resolution, num_classes)
+    num_classes = contract.dataset_num_classes(dataset) if labelled else None
+    if config.class_conditional and not num_classes:
+        raise DdpmkitError(f"{comp.label()} has no class labels (items (image, label) and a `classes` or "
+                           "`num_classes` attribute), which a class-conditional run needs; drop --class-conditional "
+                           "(or pass --unconditional)")
+    if config.class_conditional is False or not num_classes:
+        return dataset, cfg, DataShape(channels, resolution, None)
+    names = getattr(dataset, "classes", None)
+    return dataset, cfg, DataShape(channels, resolution, num_classes,
+                                   names if names is not None and len(names) == num_classes else None)
 
 
-def build_predictor(config: RunConfig, shape: DataShape) -> tuple[torch.nn.Module, Any]:
-    """The predictor for images of ``shape``; its declared outputs and conditions must fit the run."""
+def recommended(config: RunConfig, dataset: Any) -> RunConfig:
+    """``config`` with the dataset's ``recommended`` settings (an optional dataset attribute, a dict:
+    ``{"predictor": {option: value}, "class_conditional": bool}``) filled into what the run leaves to
+    be chosen for the data (``None``): a user's or preset's own value always wins."""
+    rec = getattr(dataset, "recommended", None) or {}
+    if not isinstance(rec, dict):
+        return config
+    changes = {}
+    if "class_conditional" in rec and config.class_conditional is None:
+        changes["class_conditional"] = bool(rec["class_conditional"])
+    options = {k: v for k, v in (rec.get("predictor") or {}).items()
+               if k in config.predictor.options and config.predictor.options[k] is None}
+    if options:
+        changes["predictor"] = ComponentSpec(config.predictor.name, {**config.predictor.options, **options})
+    return attrs.evolve(config, **changes) if changes else config
+
+
+def conditioning_note(config: RunConfig, shape: DataShape) -> str:
+    """One line on the conditioning chosen for the data (``class_conditional`` None)."""
+    if shape.num_classes:
+        names = list(shape.classes or [])
+        listed = f": {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
+        return f"labels ({shape.num_classes} classes{listed}): class-conditional"
+    return "no labels: unconditional"
+
+
+def build_predictor(config: RunConfig, shape: DataShape, check_labels: bool = True) -> tuple[torch.nn.Module, Any]:
+    """The predictor for images of ``shape``; its declared outputs and conditions must fit the run
+    (``check_labels=False``: a class-conditional shape whose predictor takes no labels is the caller's
+    to handle)."""
     comp = component(config, "predictor")
     cfg = comp.build_config(config.predictor.options)
     model = contract.check_predictor_module(comp, comp.build(config=cfg, channels=shape.channels,
@@ -83,7 +114,7 @@ def build_predictor(config: RunConfig, shape: DataShape) -> tuple[torch.nn.Modul
         raise DdpmkitError(f"{comp.label()} outputs a learned variance; run it with --variance learned_range"
                            if learned else f"--variance learned_range needs a predictor that outputs a variance "
                            f"(outputs = ('prediction', 'variance')); {comp.label()} does not")
-    if config.class_conditional and "class_labels" not in contract.predictor_conditions(model):
+    if check_labels and shape.num_classes and "class_labels" not in contract.predictor_conditions(model):
         raise DdpmkitError(f"{comp.label()} takes no class labels (its module declares no "
                            "conditions = ('class_labels',)); drop --class-conditional or pick another predictor")
     return model, cfg
@@ -198,7 +229,7 @@ def probe(parts, device: torch.device) -> None:
         x0 = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(device)
         b = x0.shape[0]
         conditions = {}
-        if cfg.class_conditional:
+        if parts.shape.num_classes:
             labels = [int(it[1]) for it in items]
             if cfg.label_dropout:  # the "no class" label K must be accepted too
                 labels[-1] = parts.shape.num_classes
@@ -255,6 +286,7 @@ class RunParts:
     loss_takes_context: bool
     timestep_sampler: Any
     resolved: dict[str, Any]
+    notes: tuple[str, ...] = ()  # what was chosen for the data, a line each (the run prints them)
 
     @property
     def needs_per_sample(self) -> bool:
@@ -267,12 +299,22 @@ def assemble(config: RunConfig) -> RunParts:
     building the dataset drew from the global generator)."""
     torch.manual_seed(config.seed)
     dataset, ds_cfg, shape = build_dataset(config)
+    config = recommended(config, dataset)
+    if config.class_conditional is False and shape.num_classes:  # the dataset recommended no conditioning
+        shape = DataShape(shape.channels, shape.resolution)
     diffusion, sched_cfg = build_diffusion(config)
     _, sampler_cfg = build_sampler(config.sampler.name, config.sampler.options, diffusion)
     tsampler, ts_cfg = build_timestep_sampler(config, diffusion.num_timesteps)
     loss, loss_cfg, takes_context = build_loss(config)
     torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
-    model, pred_cfg = build_predictor(config, shape)
+    model, pred_cfg = build_predictor(config, shape, check_labels=config.class_conditional is not None)
+    notes = [conditioning_note(config, shape)] if config.class_conditional is None else []
+    if shape.num_classes and "class_labels" not in contract.predictor_conditions(model):  # chosen, not asked for
+        shape = DataShape(shape.channels, shape.resolution)
+        torch.manual_seed(config.seed)
+        model, pred_cfg = build_predictor(config, shape)
+        notes = [f"labels, but predictor '{config.predictor.name}' takes none: unconditional"]
+    notes += [str(n) for n in getattr(model, "notes", ())]
     if config.min_snr_gamma:
         try:
             loss(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")
@@ -281,4 +323,4 @@ def assemble(config: RunConfig) -> RunParts:
                                "weighting needs") from None
     resolved = resolved_config(config, shape, {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg,
                                                "dataset": ds_cfg, "sampler": sampler_cfg, "timestep_sampler": ts_cfg})
-    return RunParts(config, dataset, shape, diffusion, model, loss, takes_context, tsampler, resolved)
+    return RunParts(config, dataset, shape, diffusion, model, loss, takes_context, tsampler, resolved, tuple(notes))

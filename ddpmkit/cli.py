@@ -12,11 +12,18 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import DdpmkitError, Interrupted
 from .kinds import KIND_BY_NAME, KINDS, SECTIONS
 
 err_console = Console(stderr=True)
+
+
+def plain(value, style: str = "") -> Text:
+    """A table cell or title printed as written: text from plugins and users (descriptions, class names,
+    paths, option values) may hold brackets that rich would otherwise read as markup."""
+    return Text(str(value), style=style)
 
 
 class Group(click.Group):
@@ -86,6 +93,11 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
     if not debug:
         warnings.showwarning = _one_line_warnings
+        # what a library below says to its own developers (numpy 2's __array__ copy keyword in diffusers'
+        # schedulers) is not for the user of a command; --debug shows it
+        for module in ("diffusers", "torch", "numpy", "timm"):
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def _parse_sets(sets: tuple[str, ...], allowed: tuple[str, ...] = KINDS, command: str = "run") -> dict[str, dict[str, str]]:
@@ -240,8 +252,12 @@ def run(**opts):
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("-n", "--num", "n", type=int, default=64, show_default=True, help="Number of images.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="PNG grid to write.")
+@click.option("--format", "fmt", type=click.Choice(["grid", "png", "npz"]), default="grid", show_default=True,
+              help="grid: one PNG grid; png: one PNG per image in a folder (class in the name for conditional "
+                   "models); npz: guided-diffusion's .npz (arr_0 uint8 N×H×W×C, arr_1 the class labels).")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="Where to write: the grid (default samples.png), the folder (default samples/) or the .npz "
+                   "(default samples.npz).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--sampler", default=None, help="Sampler by name (default: the run's, ddpm).")
@@ -255,10 +271,11 @@ def run(**opts):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
 @fast_options
-def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, guidance, device, no_progress, fast):
+def sample(checkpoint, n, fmt, out, seed, batch_size, sampler, steps, sets, classes, guidance, device, no_progress,
+           fast):
     """Draw images from a CHECKPOINT (a run directory, its model.safetensors or a checkpoints/step-*
     training-state file) with Algorithm 2."""
-    from .pipeline import load_checkpoint, save_grid
+    from .pipeline import load_checkpoint, save_grid, save_image_files, save_npz
     from .progress import sample_with_progress
 
     if n < 1:
@@ -274,11 +291,21 @@ def sample(checkpoint, n, out, seed, batch_size, sampler, steps, sets, classes, 
             raise DdpmkitError(f"the ddpm sampler always takes T = {pipe.diffusion.num_timesteps} steps; "
                                f"use --sampler dpm-solver++ (or ddim) --steps {options['steps']}")
         options.pop("steps")
+    out = out or {"grid": "samples.png", "png": "samples", "npz": "samples.npz"}[fmt]
+    if fmt == "png" and Path(out).is_file() or fmt != "png" and Path(out).is_dir():
+        raise DdpmkitError(f"--out '{out}' is a {'file' if Path(out).is_file() else 'folder'}; --format {fmt} writes "
+                           + ("a folder of PNGs" if fmt == "png" else "a file"))
+    labels = pipe.class_labels(n, _class_list(classes))
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
-                                  class_labels=_class_list(classes), guidance=guidance)
-    save_grid(images, out)
-    click.echo(f"Wrote {n} samples to {out}")
+                                  class_labels=labels, guidance=guidance)
+    if fmt == "png":
+        save_image_files(images, out, labels, pipe.classes)
+    elif fmt == "npz":
+        save_npz(images, out, labels)
+    else:
+        save_grid(images, out)
+    click.echo(f"Wrote {n} samples to {out}" + (" (one PNG each)" if fmt == "png" else ""))
 
 
 def _metric_list(names: tuple[str, ...]) -> list[str]:
@@ -305,7 +332,8 @@ def sampling_options(f):
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(), required=False)
-@click.option("--images", "images_dir", type=click.Path(), default=None, help="Evaluate a folder of images instead.")
+@click.option("--images", "images_dir", type=click.Path(), default=None,
+              help="Evaluate a folder of images, or an .npz (arr_0 uint8 N×H×W×C, arr_1 labels), instead.")
 @click.option("--metric", "metric_names", multiple=True, required=True,
               help="Metrics by name, comma-separated or repeated: fid,kid,precision-recall,digit-score,memorization, ...")
 @click.option("-n", "--num", "n", type=int, default=10000, show_default=True, help="Images to sample from CHECKPOINT.")
@@ -344,7 +372,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
 
     from .assembly import build_many
     from .checkpoint import write_json
-    from .evaluation import MetricContext, evaluate_images, load_image_folder
+    from .evaluation import MetricContext, evaluate_images, load_images
     from .pipeline import load_checkpoint, resolve_device
     from .progress import make_progress, sample_with_progress
 
@@ -358,7 +386,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
     metrics = build_many("metric", metric_names, metric_opts, device=dev)
     pipe = labels = None
     if images_dir is not None:
-        images = load_image_folder(images_dir)
+        images, labels = load_images(images_dir)  # a folder of images, or an .npz (with its labels)
         source = {"images": str(images_dir), "count": images.shape[0]}
     else:
         if n < 1:
@@ -392,7 +420,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
         table.add_column(col, justify="right" if col == "value" else "left")
     for name, results in per_metric.items():
         for i, (key, value) in enumerate(results.items()):
-            table.add_row(name if i == 0 else "", key, f"{value:.6g}")
+            table.add_row(plain(name if i == 0 else ""), plain(key), f"{value:.6g}")
     out_console = Console(width=max(100, Console().width))
     out_console.print(table)
     for name, space in spaces.items():
@@ -554,13 +582,13 @@ def _show_study(sw, name, storage_url, runs: Path, metric, top, storage_obj=None
     plots = sw.write_plots(study, out_dir)
     reverse = info["direction"] == "maximize"
     params = sorted({k for t in done for k in t["params"]})
-    table = Table(title=f"study {name}: best of {len(done)} completed ({info.get('metric')}:{info.get('objective')}, "
-                        f"{info['direction']})", title_justify="left")
+    table = Table(title=plain(f"study {name}: best of {len(done)} completed ({info.get('metric')}:"
+                              f"{info.get('objective')}, {info['direction']})"), title_justify="left")
     for col in ("trial", info.get("objective", "value"), *params, "run directory"):
-        table.add_column(col, justify="right" if col not in ("run directory",) else "left")
+        table.add_column(plain(col), justify="right" if col not in ("run directory",) else "left")
     for t in sorted(done, key=lambda t: t["value"], reverse=reverse)[:top]:
-        table.add_row(str(t["number"]), f"{t['value']:.6g}", *[_cell(t["params"].get(k)) for k in params],
-                      str(t["run_dir"] or ""))
+        table.add_row(str(t["number"]), f"{t['value']:.6g}", *[plain(_cell(t["params"].get(k))) for k in params],
+                      plain(t["run_dir"] or ""))
     Console(width=max(120, Console().width)).print(table)
     counts = {}
     for t in info["trials"]:
@@ -570,13 +598,25 @@ def _show_study(sw, name, storage_url, runs: Path, metric, top, storage_obj=None
         click.echo(f"Wrote {p}")
 
 
+def _defaults(comp) -> str:
+    """``option=default, ...`` of a component (its config built from no options)."""
+    from .config import config_to_dict
+
+    try:
+        return ", ".join(f"{k}={_cell(v)}" for k, v in config_to_dict(comp.build_config({})).items())
+    except DdpmkitError as exc:
+        return f"(cannot build its defaults: {exc})"
+
+
 def _cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins_cmd(as_json):
+@click.option("--options", "with_options", is_flag=True,
+              help="Also list each component's options with their defaults (what --set KIND.OPTION=VALUE takes).")
+def plugins_cmd(as_json, with_options):
     """List installed plugins (distribution, version, status) and every component with its description."""
     from .plugins import get_manager
 
@@ -595,16 +635,19 @@ def plugins_cmd(as_json):
     for col in ("plugin", "distribution", "version", "status"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["distribution"] or r["source"], r["version"] or "-",
-                      f"[red]failed: {r['error']}" if r["error"] else "ok")
+        table.add_row(plain(r["name"]), plain(r["distribution"] or r["source"]), plain(r["version"] or "-"),
+                      plain(f"failed: {r['error']}", "red") if r["error"] else "ok")
     console = Console()
     console.print(table)
     comps = Table(title="components")
-    for col in ("kind", "name", "plugin", "description"):
+    for col in ("kind", "name", "plugin", "description", *(["options"] if with_options else [])):
         comps.add_column(col)
     for kind in KINDS:
         for cname, comp in sorted(registry[kind].items()):
-            comps.add_row(kind, cname, comp.plugin, comp.description)
+            cells = [kind, plain(cname), plain(comp.plugin), plain(comp.description)]
+            if with_options:
+                cells.append(plain(_defaults(comp)))
+            comps.add_row(*cells)
     console.print(comps)
     for kind in KINDS:
         click.echo(f"{KIND_BY_NAME[kind].plural}: {', '.join(sorted(registry[kind])) or '(none)'}")

@@ -150,7 +150,9 @@ class RunConfig:
     dataset: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("mnist-5k"))
     sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("ddpm"))
     timestep_sampler: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("uniform"))
-    class_conditional: bool = False  # feed the dataset's labels to the predictor (class_labels=)
+    # Feed the dataset's labels to the predictor (class_labels=); None: when the dataset has labels
+    # (and the predictor takes them), decided when the run is assembled
+    class_conditional: bool | None = False
     # With this probability a label is replaced by the "no class" label K (classifier-free guidance)
     label_dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
     prediction: str = attrs.field(default="epsilon", validator=attrs.validators.in_(("epsilon", "x0", "v")))
@@ -253,6 +255,14 @@ PRESETS["laptop"] = {
 PRESETS["tiny-cond"] = {**PRESETS["tiny"], "class_conditional": True, "label_dropout": 0.1, "num_samples": 100}
 
 
+# What a preset chose for its own dataset: run with another dataset (`--dataset NAME`), these settings
+# go back to "chosen for the data when the run is assembled" (None) unless the user sets them: the
+# stem from the images' side (unet2d's patch_size/pad), the conditioning from the dataset's labels.
+DATASET_TIED: dict[str, dict[str, dict[str, Any]]] = {
+    "laptop": {"predictor": {"patch_size": None, "pad": None}, "run": {"class_conditional": None}},
+}
+
+
 def preset_config(name: str | None) -> RunConfig:
     """RunConfig for a preset (``None`` → ``laptop``)."""
     name = name or "laptop"
@@ -307,10 +317,14 @@ def resolve_run_config(preset: str | None, names: dict | None = None, overrides:
 
     names, overrides, changes = names or {}, overrides or {}, changes or {}
     config = base if base is not None else preset_config(preset)
+    tied = DATASET_TIED.get(config.preset or "", {}) \
+        if base is None and names.get("dataset", config.dataset.name) != config.dataset.name else {}
     for section in SECTIONS:
         spec = getattr(config, section)
         if names.get(section, spec.name) != spec.name:
             spec.name, spec.options = names[section], {}
+        elif section in tied:  # the preset's own component, fitted to the preset's dataset: refit it
+            spec.options.update(tied[section])
         if section == "dataset" and config.preset in ("mnist", "aircraft") \
                 and spec.name not in plugin_mod.available(section):
             raise DdpmkitError(f"preset '{config.preset}' needs the full dataset plugin '{spec.name}', which is not "
@@ -325,6 +339,6 @@ def resolve_run_config(preset: str | None, names: dict | None = None, overrides:
                 spec.options["data_root"] = data_root
         comp.build_config(spec.options)  # a bad option fails here, before anything is written
     try:
-        return attrs.evolve(config, **changes)
+        return attrs.evolve(config, **{**tied.get("run", {}), **changes})
     except (ValueError, TypeError) as exc:
         raise DdpmkitError(f"invalid option: {exc}") from None

@@ -47,7 +47,14 @@ def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None,
     ``bar``: a rich Progress; metrics whose ``__call__`` takes ``progress`` report images done.
     ``context``: passed to metrics whose ``__call__`` takes ``context``. Each metric's answer is
     checked (a dict of finite floats) before it is used.
+
+    The images are scored as 8-bit images, as a saved sample holds them (``ddpmkit.metrics.quantize``):
+    samples scored as drawn and the same samples saved by ``ddpmkit sample --format png|npz`` and
+    read back with ``evaluate --images`` give the same values.
     """
+    from .metrics import quantize
+
+    images = quantize(images)
     out: dict[str, float] = {}
     for name, metric in metrics.items():
         kwargs = {}
@@ -88,7 +95,7 @@ def load_image_folder(path: str | Path) -> torch.Tensor:
 
     root = Path(path)
     if not root.is_dir():
-        raise DdpmkitError(f"--images: '{root}' is not a folder")
+        raise DdpmkitError(f"--images: '{root}' is not a folder of images or an .npz file")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DdpmkitError(f"--images: no PNG/JPEG/WebP images under '{root}'")
@@ -96,3 +103,33 @@ def load_image_folder(path: str | Path) -> torch.Tensor:
         size, gray = min(first.size), first.mode in ("1", "L", "LA", "F") or first.mode.startswith("I")
     ds = build("dataset", "image-folder", {"path": str(root), "resolution": size, "channels": 1 if gray else 3})
     return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (and labels) from a guided-diffusion-style ``.npz``: ``arr_0`` uint8 ``(N, H, W, C)`` →
+    float ``(N, C, H, W)`` in [-1, 1] (u/127.5 − 1); ``arr_1``, when present, the ``(N,)`` class labels."""
+    import numpy as np
+
+    from .metrics import from_uint8
+
+    try:
+        data = np.load(path, allow_pickle=False)
+        arr = data["arr_0"]
+        labels = data["arr_1"] if "arr_1" in data.files else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DdpmkitError(f"--images: '{path}' is not an .npz of images with arr_0 ({exc})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise DdpmkitError(f"--images: '{path}' arr_0 must be uint8 (N, H, W, C) with C 1 or 3, got {arr.dtype} "
+                           f"{tuple(arr.shape)}")
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(arr)):
+        raise DdpmkitError(f"--images: '{path}' arr_1 must hold one label per image, got shape {tuple(labels.shape)}")
+    images = from_uint8(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
+    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+def load_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ``ddpmkit evaluate --images`` reads: a folder of images (:func:`load_image_folder`; no labels)
+    or an ``.npz`` file (:func:`load_npz`; labels when it holds ``arr_1``)."""
+    if Path(path).is_file() and str(path).endswith(".npz"):
+        return load_npz(path)
+    return load_image_folder(path), None

@@ -56,9 +56,24 @@ def check_images(images: torch.Tensor, min_count: int = 1, what: str = "images")
     return images.clamp(-1, 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats ``(N, C, H, W)`` → uint8 of the same shape, as saved to a PNG: round((x + 1)·127.5)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` → float32 in [-1, 1]: u/127.5 − 1 (``to_uint8`` gives the bytes back exactly)."""
+    return images.float() / 127.5 - 1
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] on the 8-bit grid a saved image holds: ``from_uint8(to_uint8(images))``."""
+    return from_uint8(to_uint8(images))
+
+
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → uint8 RGB, as saved to a PNG."""
-    x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    x = to_uint8(images)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

@@ -254,3 +254,64 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     return atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=nrow, padding=2, format="PNG"))
+
+
+def _safe(name: str) -> str:
+    """A class name as a file-name part: letters, digits, '.', '_' and '-' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "class"
+
+
+def save_image_files(images: torch.Tensor, folder: str | os.PathLike, labels: torch.Tensor | None = None,
+                     classes: tuple[str, ...] | None = None) -> list[Path]:
+    """One PNG per image in ``folder`` (created): ``00000.png``, ``00001.png``, ... (zero-padded to the
+    count), or ``00000-<class>.png`` when ``labels`` are given (the class name when ``classes`` names it,
+    else its index). Grayscale images are 8-bit gray PNGs, colour ones RGB; pixel = round((x + 1)·127.5).
+
+    Args:
+        images: ``(N, C, H, W)`` in [-1, 1], C in {1, 3}.
+        labels: ``(N,)`` class indices, for a class-conditional model's samples. Default none.
+        classes: the class names, indexed by label. Default: indices.
+    """
+    from PIL import Image
+
+    from .metrics import to_uint8
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    width = max(5, len(str(len(pixels) - 1)))
+    paths = []
+    for i, px in enumerate(pixels):
+        tag = ""
+        if labels is not None:
+            y = int(labels[i])
+            tag = "-" + _safe(classes[y] if classes and 0 <= y < len(classes) else str(y))
+        path = folder / f"{i:0{width}d}{tag}.png"
+        image = Image.fromarray(px[..., 0], "L") if px.shape[-1] == 1 else Image.fromarray(px, "RGB")
+        atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
+
+
+def save_npz(images: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor | None = None) -> Path:
+    """The samples in guided-diffusion's ``.npz`` convention (what its evaluator and most FID tools read):
+    ``arr_0`` uint8 ``(N, H, W, C)``, pixel = round((x + 1)·127.5); ``arr_1`` int64 ``(N,)`` the class
+    labels, for a class-conditional model's samples. Written atomically.
+
+    Args:
+        images: ``(N, C, H, W)`` in [-1, 1].
+        labels: ``(N,)`` class indices, or ``None``.
+    """
+    import numpy as np
+
+    from .metrics import to_uint8
+
+    arrays = [to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
+    if labels is not None:
+        arrays.append(labels.cpu().numpy().astype(np.int64))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *arrays)
+
+    return atomic_write(path, write)

@@ -473,7 +473,7 @@ class Worker:
 
     def say(self, text: str) -> None:
         if self.console is not None:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)  # trial params, notes: printed as written
 
     # -- the study ---------------------------------------------------------
     def _study(self):

@@ -464,7 +464,7 @@ class Trainer:
         for _ in range(c.grad_accum):
             batch = next(batches)
             x0 = _images(batch).to(self.dev, non_blocking=True)
-            conditions = {"class_labels": self.labels(batch[1].to(self.dev))} if c.class_conditional else None
+            conditions = {"class_labels": self.labels(batch[1].to(self.dev))} if self.parts.shape.num_classes else None
             with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.fast.precision == "bf16"):
                 terms = p.diffusion.training_losses(
                     self.net, x0, p.loss, generator=self.noise_gen, min_snr_gamma=c.min_snr_gamma,
@@ -569,6 +569,8 @@ class Trainer:
         # loggers first: one that breaks the contract stops the run before it has started
         self.loggers = build_loggers(self.config, self.run_dir, self.parts.resolved, self.resume_step)
         self.started = True
+        for note in self.parts.notes:  # what was chosen for the data, and why
+            (self.console or Console(stderr=True)).print(note, markup=False, highlight=False, soft_wrap=True)
         write_json(self.run_dir / "config.json", self.parts.resolved)
         if not (self.run_dir / "forward.png").exists():
             forward_strip(self.parts.diffusion, _images(self.parts.dataset[0]), self.run_dir / "forward.png",

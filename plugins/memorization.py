@@ -1,6 +1,8 @@
 """Metric ``memorization``: does the model copy its training images?
 
-For each generated image, its nearest training images are found in pixel space and in a feature
+Samples are scored as 8-bit images (``ddpmkit evaluate`` quantises them as a saved image holds them), and
+so are the training and held-out images they are compared with: a training image replayed exactly is
+at distance 0. For each generated image, its nearest training images are found in pixel space and in a feature
 space (``features``: the digit classifier's for 1-channel images, InceptionV3 pool3 when weights
 are given; the result names the space). A sample is a **near-copy** when
 
@@ -32,7 +34,7 @@ import torch
 
 import ddpmkit
 from ddpmkit.metrics import (FeatureMetric, FeatureOptions, check_images, dataset_images, nearest_neighbours,
-                             random_subset, split_options)
+                             quantize, random_subset, split_options)
 
 
 @attrs.define(kw_only=True)
@@ -82,10 +84,10 @@ class Memorization(FeatureMetric):
             dataset = context.dataset
             if dataset is None:
                 dataset = ddpmkit.build("dataset", spec.name, {**spec.options, "resolution": resolution})
-            return dataset_images(dataset), spec.name, dict(spec.options)
+            return quantize(dataset_images(dataset)), spec.name, dict(spec.options)
         c = self.config
         options = {"data_root": c.data_root} if c.data_root else {}
-        return self.config.reference_set(resolution), c.dataset, options
+        return quantize(self.config.reference_set(resolution)), c.dataset, options
 
     def heldout_images(self, name: str | None, options: dict, resolution: int, count: int) -> torch.Tensor | None:
         """Up to ``count`` real images never trained on (a fixed random subset), or None."""
@@ -100,7 +102,7 @@ class Memorization(FeatureMetric):
                 raise ddpmkit.DdpmkitError(f"memorization: heldout_dataset '{name}' has no test split (no 'split' "
                                            f"option); name a dataset that has one, e.g. mnist")
             return None
-        return random_subset(ddpmkit.build("dataset", name, opts), count)[0]
+        return quantize(random_subset(ddpmkit.build("dataset", name, opts), count)[0])
 
     # the metric -------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:

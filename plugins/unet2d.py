@@ -30,10 +30,13 @@ class UNet2DConfig:
         with ``--variance learned_range``). Default False.
     patch_size: a space-to-depth stem: the U-Net sees each p×p patch as p² channels
         (``pixel_unshuffle``), works at resolution/p, and ``pixel_shuffle`` maps its output back; a
-        28×28 image costs about what a 14×14 one does. Default 1 (off).
+        28×28 image costs about what a 14×14 one does. ``None``: chosen for the dataset's resolution
+        R (see :func:`fit_stem`): 1 up to 16×16, else the smallest power of two that brings R to ≤ 16.
+        Default 1 (off).
     pad: pixels of zeros added on every side before the stem and cropped from the output, so that a
         side the levels cannot halve works at one they can (28 + 2·2 = 32: patch_size 2 → 16 → 8 → 4).
-        Default 0.
+        ``None``: the least padding that lets every level halve (split between the sides, one more
+        at the bottom/right for an odd side). Default 0.
     """
 
     block_out_channels: tuple[int, ...] | None = attrs.field(default=None)
@@ -43,8 +46,36 @@ class UNet2DConfig:
     norm_num_groups: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     attention_head_dim: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     learn_variance: bool = False
-    patch_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    pad: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    patch_size: int | None = attrs.field(default=1, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    pad: int | None = attrs.field(default=0, validator=attrs.validators.optional(attrs.validators.ge(0)))
+
+
+def fit_stem(resolution: int, levels: int, patch_size: int | None, pad: int | None) -> tuple[int, int, int]:
+    """The stem for a ``resolution``×``resolution`` image and a U-Net of ``levels`` levels: ``(p, lo, hi)``,
+    the patch size and the zeros added before (top/left) and after (bottom/right). ``None`` for
+    ``patch_size`` or ``pad`` means "choose": p = 1 up to 16×16, else the smallest power of two with
+    R/p ≤ 16 (the cost of a 16×16 U-Net); the padding the least that makes R + padding divisible by
+    p·2^(levels−1). A given ``pad`` is put on every side."""
+    p = patch_size
+    if p is None:
+        p = 1
+        while resolution / p > 16:
+            p *= 2
+    if pad is not None:
+        return p, pad, pad
+    multiple = p * 2 ** (levels - 1)
+    total = -resolution % multiple
+    return p, total // 2, total - total // 2
+
+
+def describe_stem(resolution: int, p: int, lo: int, hi: int) -> str:
+    """One line: what the stem does at this resolution (the run prints it when the stem was chosen)."""
+    side = (resolution + lo + hi) // p
+    if p == 1 and not lo + hi:
+        return f"{resolution}×{resolution} images: no stem"
+    pad = "" if not lo + hi else (f", {lo} pixels of padding" if lo == hi else f", {lo}+{hi} pixels of padding")
+    stem = f"{'an' if p == 8 else 'a'} {p}×{p} space-to-depth stem" if p > 1 else "no stem"
+    return f"{resolution}×{resolution} images: {stem}{pad} ({side}×{side} inside the U-Net)"
 
 
 class UNet2D(torch.nn.Module):
@@ -58,14 +89,21 @@ class UNet2D(torch.nn.Module):
         self.outputs = ("prediction", "variance") if config.learn_variance else ("prediction",)
         from diffusers import UNet2DModel
 
-        p = self.patch_size = config.patch_size
-        self.pad = config.pad
-        padded = resolution + 2 * config.pad
+        widths = config.block_out_channels
+        levels = len(widths) if widths is not None else len(SEED_WIDTHS.get(resolution, (0,)))
+        # with the seed's widths (chosen by resolution) a stem is never chosen, only padding
+        patch = 1 if config.patch_size is None and widths is None else config.patch_size
+        p, lo, hi = fit_stem(resolution, levels, patch, config.pad)
+        self.patch_size, self.pad, self.pad_end = p, lo, hi
+        chosen = config.patch_size is None or config.pad is None
+        # what the run prints about this predictor (ddpmkit prints a predictor's ``notes``)
+        self.notes = (describe_stem(resolution, p, lo, hi),) if chosen else ()
+        padded = resolution + lo + hi
         if padded % p:
             raise ddpmkit.DdpmkitError(f"unet2d patch_size={p} must divide the resolution {padded}"
-                                       + (f" ({resolution} + 2·pad)" if config.pad else ""))
+                                       + (f" ({resolution} + 2·pad)" if lo else "")
+                                       + "; set predictor.patch_size and predictor.pad to fit, or to none (chosen for the data)")
         full, resolution, channels_in = padded, padded // p, channels * p * p
-        widths = config.block_out_channels
         if widths is None:
             if resolution not in SEED_WIDTHS:
                 raise ddpmkit.DdpmkitError(
@@ -78,7 +116,8 @@ class UNet2D(torch.nn.Module):
             inside = f" ({full}/{p} inside the patch_size={p} stem)" if p > 1 else ""
             raise ddpmkit.DdpmkitError(
                 f"unet2d with {len(widths)} blocks needs a resolution divisible by {2 ** (len(widths) - 1)}, "
-                f"got {resolution}{inside}"
+                f"got {resolution}{inside}; set predictor.pad=none and predictor.patch_size=none (chosen for the "
+                "data), or fewer predictor.block_out_channels"
             )
         bad = [w for w in widths if w % config.norm_num_groups]
         if bad:
@@ -99,18 +138,21 @@ class UNet2D(torch.nn.Module):
     def stem(self) -> dict[str, int]:
         """The space-to-depth stem's settings (``patch_size``, ``pad``) when there is one, else ``{}``: with a
         stem the wrapped ``unet`` alone is not the predictor (export to diffusers refuses it)."""
-        return {"patch_size": self.patch_size, "pad": self.pad} if self.patch_size > 1 or self.pad else {}
+        if self.patch_size == 1 and not self.pad + self.pad_end:
+            return {}
+        stem = {"patch_size": self.patch_size, "pad": self.pad}
+        return stem if self.pad_end == self.pad else {**stem, "pad_end": self.pad_end}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.stem:
             return self.unet(x, t, class_labels=class_labels).sample
-        k, F = self.pad, torch.nn.functional
-        h = F.pad(x, (k, k, k, k)) if k else x
+        k, e, F = self.pad, self.pad_end, torch.nn.functional
+        h = F.pad(x, (k, e, k, e)) if k or e else x
         # (B, C, H, W) → (B, C·p², H/p, W/p) → U-Net → back; pixel_shuffle keeps each output channel's p² maps
         # together, so the prediction's C channels come before the variance's.
         h = F.pixel_shuffle(self.unet(F.pixel_unshuffle(h, self.patch_size), t, class_labels=class_labels).sample,
                             self.patch_size)
-        return h[..., k:h.shape[-2] - k, k:h.shape[-1] - k] if k else h
+        return h[..., k:h.shape[-2] - e, k:h.shape[-1] - e] if k or e else h
 
 
 @ddpmkit.hookimpl

@@ -475,7 +475,15 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     lower = (x - mean - 1.0 / 255) * inv
     log_cdf_upper = torch.special.log_ndtr(upper)           # log Φ(upper)
     log_sf_lower = torch.special.log_ndtr(-lower)           # log (1 − Φ(lower))
-    # log(Φ(upper) − Φ(lower)), computed on the side of the bin where it does not cancel
-    mid = torch.where(lower > 0, log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower)),
-                      log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper)))
+    # log(Φ(upper) − Φ(lower)), computed on the side of the bin where it does not cancel: with survival
+    # functions when the bin lies above the mean (lower > 0), with CDFs otherwise. Each side gets its
+    # own inputs only where it is used and harmless ones (a bin at the mean) elsewhere: torch.where's
+    # unused branch still runs backward, and log1p(−1) = −∞ there would turn a 0 gradient into NaN.
+    above, edge = lower > 0, (x < -0.999) | (x > 0.999)
+    a_up, a_lo = torch.where(above & ~edge, upper, 1.0), torch.where(above & ~edge, lower, 0.0)
+    b_up, b_lo = torch.where(~above & ~edge, upper, 0.0), torch.where(~above & ~edge, lower, -1.0)
+    a_sf_lo = torch.special.log_ndtr(-a_lo)
+    b_cdf_up = torch.special.log_ndtr(b_up)
+    mid = torch.where(above, a_sf_lo + torch.log1p(-torch.exp(torch.special.log_ndtr(-a_up) - a_sf_lo)),
+                      b_cdf_up + torch.log1p(-torch.exp(torch.special.log_ndtr(b_lo) - b_cdf_up)))
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, mid))

@@ -442,7 +442,12 @@ class Trainer:
         if bad:
             last = latest_checkpoint(self.run_dir / "checkpoints")
             kept = f"; the last good training-state checkpoint is {last}" if last else ""
-            raise DdpmkitError(f"loss became nan or inf at step {bad}; stopped (lower --lr or add --grad-clip){kept}")
+            c = self.config
+            what = f"loss '{c.loss.name}', predicting {c.prediction}" + \
+                (", with a learned variance" if c.variance_type == "learned_range" else "") + \
+                (f", min-SNR γ = {c.min_snr_gamma:g}" if c.min_snr_gamma else "")
+            raise DdpmkitError(f"loss became nan or inf at step {bad}; stopped ({what}: lower --lr or add "
+                               f"--grad-clip){kept}")
         return None if value is None else value.item()
 
     def labels(self, y: torch.Tensor) -> torch.Tensor:

@@ -373,6 +373,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
     from .assembly import build_many
     from .checkpoint import write_json
     from .evaluation import MetricContext, evaluate_images, load_images
+    from .metrics import quantize
     from .pipeline import load_checkpoint, resolve_device
     from .progress import make_progress, sample_with_progress
 
@@ -403,6 +404,8 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
             images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                           sampler=sampler, sampler_options=sampler_opts or None,
                                           fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)
+            # scored as the 8-bit images `ddpmkit sample` saves: `evaluate --images` on them gives the same values
+            images = quantize(images)
     per_metric: dict[str, dict[str, float]] = {}
     with make_progress(err_console, not no_progress) as bar:
         context = MetricContext(pipeline=pipe, seed=seed, labels=labels)

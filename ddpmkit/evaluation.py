@@ -47,14 +47,7 @@ def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None,
     ``bar``: a rich Progress; metrics whose ``__call__`` takes ``progress`` report images done.
     ``context``: passed to metrics whose ``__call__`` takes ``context``. Each metric's answer is
     checked (a dict of finite floats) before it is used.
-
-    The images are scored as 8-bit images, as a saved sample holds them (``ddpmkit.metrics.quantize``):
-    samples scored as drawn and the same samples saved by ``ddpmkit sample --format png|npz`` and
-    read back with ``evaluate --images`` give the same values.
     """
-    from .metrics import quantize
-
-    images = quantize(images)
     out: dict[str, float] = {}
     for name, metric in metrics.items():
         kwargs = {}

@@ -147,6 +147,15 @@ class Dist:
             value /= self.world
         return value
 
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``value`` (same shape on each), concatenated along the first axis in rank order:
+        the global batch's rows in the order one process would hold them."""
+        if not self.enabled:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, value.contiguous())
+        return torch.cat(parts)
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()
@@ -478,7 +487,9 @@ class Trainer:
             (terms.loss / c.grad_accum).backward()
             step_loss += terms.loss.detach().float() / c.grad_accum
             if terms.per_sample is not None and hasattr(ts, "update"):
-                ts.update(terms.t, terms.per_sample)
+                # every rank learns from the whole global batch, as one process would (improved-diffusion
+                # gathers the same way): otherwise each rank's history, and so its draws of t, drift apart
+                ts.update(self.dist.gather(terms.t), self.dist.gather(terms.per_sample.detach()))
         step_loss = self.dist.mean(step_loss)
         # No host sync per step: the first non-finite step is recorded on the device and read
         # only when a value is needed (logging, checkpoints, the end of an epoch).

@@ -4,7 +4,9 @@ Each of those plugins configures a diffusers scheduler from the run's own ``Gaus
 its exact betas, its prediction target (ε, x0 or v) — and hands it to :class:`SchedulerSampler`,
 which runs the scheduler's step as ddpmkit's sampler contract asks:
 
-    x_T ~ N(0, σ_max² + 1)  (σ-parametrised schedulers) or N(0, I)
+    x_T ~ N(0, s²·I), s = the scheduler's init_noise_sigma: 1 for the α-parametrised solvers
+          (dpm-solver++, unipc); for the σ-parametrised ones (heun, euler-ancestral) σ_max with
+          linspace or trailing spacing and √(σ_max² + 1) with leading spacing (diffusers' rule)
     for t in the scheduler's timesteps:
         out = net(scale(x, t), t)            # the run's network (guided or not: the sampler never knows)
         x = scheduler.step(out, t, x)        # the solver's update

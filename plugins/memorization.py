@@ -1,8 +1,7 @@
 """Metric ``memorization``: does the model copy its training images?
 
-Samples are scored as 8-bit images (``ddpmkit evaluate`` quantises them as a saved image holds them), and
-so are the training and held-out images they are compared with: a training image replayed exactly is
-at distance 0. For each generated image, its nearest training images are found in pixel space and in a feature
+Samples, training images and held-out images are all compared as 8-bit images (``ddpmkit.metrics.quantize``,
+as a saved image holds them): a training image replayed exactly is at distance 0. For each generated image, its nearest training images are found in pixel space and in a feature
 space (``features``: the digit classifier's for 1-channel images, InceptionV3 pool3 when weights
 are given; the result names the space). A sample is a **near-copy** when
 
@@ -107,7 +106,7 @@ class Memorization(FeatureMetric):
     # the metric -------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:
         c = self.config
-        images = check_images(images, 1, "memorization images")
+        images = quantize(check_images(images, 1, "memorization images"))
         res, ch = images.shape[-1], images.shape[1]
         train, name, options = self.training_images(context, res)
         heldout = self.heldout_images(name, options, res, c.heldout_images or len(images))

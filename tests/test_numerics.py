@@ -48,3 +48,39 @@ def test_decoder_values_are_unchanged_by_the_masking():
     s = float(torch.exp(ls[0]))
     ref = torch.log(torch.tensor(norm.cdf((x + 1 / 255 - mean) / s) - norm.cdf((x - 1 / 255 - mean) / s)))
     assert torch.allclose(decoder(x, mean, ls), ref, rtol=1e-10)
+
+
+def test_loss_aware_under_two_ranks_follows_one_process(tmp_path):
+    """torchrun, 2 CPU ranks (gloo), loss-aware t at the same global batch as one process: every rank
+    learns from the whole batch, so the histories (and so the draws of t, and the losses) are the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ddpmkit.state import read_training_state
+
+    common = ["run", "--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=8",
+              "--set", "schedule.timesteps=6", "--timestep-sampler", "loss-aware", "--set", "timestep_sampler.history=2",
+              "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
+              "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=2",
+              "--batch-size", "8", "--max-steps", "8", "--log-every", "1", "--samples", "1", "--no-progress",
+              "--device", "cpu", "--seed", "3", "--ema", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "ddpmkit", *common, "--out", str(one)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "ddpmkit", *common, "--out", str(two)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = []
+    for d in (one, two):
+        _, meta = read_training_state(sorted((d / "checkpoints").glob("step-*.safetensors"))[-1])
+        states.append(meta["timestep_sampler"])
+    a, b = states
+    # every t seen as often (the same draws), the remembered losses equal to float rounding
+    assert a["counts"] == b["counts"] and min(a["counts"]) == 2  # warmed up: the draws were loss-aware
+    assert torch.allclose(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-4, atol=1e-7)
+    loss = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                      if '"loss"' in x]
+    torch.testing.assert_close(torch.tensor(loss(two)), torch.tensor(loss(one)), rtol=1e-4, atol=1e-6)

@@ -58,6 +58,8 @@ def register_predictors(register):
       channels, the prediction then the improved-DDPM variance interpolation v ∈ [-1, 1]
       (log σ² = (v+1)/2 · log β_t + (1−v)/2 · log β̃_t); the run then uses ``variance_type``
       ``learned_range``.
+    * ``notes``: lines the run prints about what the module chose for the data (``unet2d``: its
+      stem when ``patch_size``/``pad`` were left to be chosen).
     """
 
 
@@ -81,8 +83,10 @@ def register_datasets(register):
     ``factory(config) -> torch.utils.data.Dataset`` whose items are float32 tensors ``(C, H, W)``
     (square, C in {1, 3}) scaled to [-1, 1], or ``(image, label)`` pairs with an integer label.
     Optional attributes: ``channels``, ``resolution``, and ``classes`` (class names) or
-    ``num_classes``, which class-conditional runs need. A dataset that reads files from a folder
-    opts into ``--data-root`` by having a ``data_root`` option.
+    ``num_classes``, which class-conditional runs need; ``recommended``, a dict such as
+    ``{"class_conditional": False, "predictor": {"patch_size": 1}}`` that fills what a run leaves to
+    be chosen for the data (values that are ``None``; a user's or preset's own value wins). A dataset
+    that reads files from a folder opts into ``--data-root`` by having a ``data_root`` option.
     """
 
 

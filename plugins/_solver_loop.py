@@ -49,11 +49,23 @@ class SchedulerSampler:
     on; the scheduler keeps its exact σ. (diffusers passes the fraction to the UNet instead.)
     """
 
-    def __init__(self, scheduler, steps: int, stochastic: bool = False):
+    def __init__(self, scheduler, steps: int, stochastic: bool = False, name: str = "sampler",
+                 repeats_timesteps: bool = False):
         self.scheduler, self.steps, self.stochastic = scheduler, steps, stochastic
         scheduler.set_timesteps(steps)
         self.timesteps = [int(v) for v in scheduler.timesteps.double().round()]  # the network's t
         self.num_steps = len(self.timesteps)
+        first = [float(v) for v in scheduler.timesteps].count(float(scheduler.timesteps[0]))
+        if not repeats_timesteps and first > 1:
+            # Karras σ's on a schedule with a huge σ_max (cosine: β_T = 0.999, σ_max ≈ 2·10⁴) bunch up
+            # at the first steps; diffusers' multistep solvers find a repeated first timestep at its
+            # second place and overrun their step index (IndexError) or fail an assertion. Refused
+            # here, before any sampling. (Repeats at the end, t = 0, are harmless.)
+            sigma_max = float(((1 - scheduler.alphas_cumprod[-1]) / scheduler.alphas_cumprod[-1]) ** 0.5)
+            raise ddpmkit.DdpmkitError(
+                f"{name}: its first {first} of {steps} steps fall on the same training timestep t = "
+                f"{self.timesteps[0]} (the schedule's σ_max = {sigma_max:.3g}), which the solver cannot step "
+                "through; use karras_sigmas=false, fewer steps, or a schedule with a smaller σ_max (e.g. linear)")
 
     @torch.inference_mode()
     def sample(self, model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32):

@@ -49,7 +49,7 @@ def make(config: DPMSolverConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> Sc
         algorithm_type=config.algorithm, lower_order_final=config.lower_order_final,
         use_karras_sigmas=config.karras_sigmas, thresholding=config.thresholding,
         timestep_spacing=config.timestep_spacing)
-    return SchedulerSampler(scheduler, config.steps, stochastic=config.algorithm.startswith("sde"))
+    return SchedulerSampler(scheduler, config.steps, stochastic=config.algorithm.startswith("sde"), name="dpm-solver++")
 
 
 @ddpmkit.hookimpl

@@ -39,7 +39,7 @@ def make(config: EulerAncestralConfig, *, diffusion: ddpmkit.GaussianDiffusion) 
                                    "epsilon or v); use dpm-solver++, unipc or heun")
     scheduler = EulerAncestralDiscreteScheduler(**scheduler_kwargs(diffusion, config.steps, "euler-ancestral"),
                                                 timestep_spacing=config.timestep_spacing)
-    return SchedulerSampler(scheduler, config.steps, stochastic=True)
+    return SchedulerSampler(scheduler, config.steps, stochastic=True, name="euler-ancestral")
 
 
 @ddpmkit.hookimpl

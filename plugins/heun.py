@@ -40,7 +40,7 @@ def make(config: HeunConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> Schedul
         **scheduler_kwargs(diffusion, config.steps, "heun"), use_karras_sigmas=config.karras_sigmas,
         clip_sample=diffusion.clip_sample, clip_sample_range=diffusion.clip_range,
         timestep_spacing=config.timestep_spacing)
-    return SchedulerSampler(scheduler, config.steps)
+    return SchedulerSampler(scheduler, config.steps, name="heun", repeats_timesteps=True)
 
 
 @ddpmkit.hookimpl

@@ -42,13 +42,23 @@ class UniPCConfig:
 def make(config: UniPCConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> SchedulerSampler:
     from diffusers import UniPCMultistepScheduler
 
+    if not config.lower_order_final and config.order >= 2 and (config.solver_type == "bh2"
+                                                                or (config.order == 3 and config.karras_sigmas)):
+        # Its last step, to σ = 0, is then of order 2-3: bh2 divides by λ = ∞ there (NaN samples) and
+        # order 3 solves a singular system (bh1 with Karras σ: NaN); diffusers fails the same way.
+        raise ddpmkit.DdpmkitError(
+            f"unipc: lower_order_final=false with order {config.order}, solver_type {config.solver_type}"
+            + (" and karras_sigmas" if config.karras_sigmas and config.solver_type == "bh1" else "")
+            + " cannot take the last step to σ = 0 (NaN or a singular system); keep lower_order_final=true "
+            "(the default), or use solver_type=bh1" + (" without karras_sigmas" if config.order == 3 else ""))
+
     scheduler = UniPCMultistepScheduler(
         **scheduler_kwargs(diffusion, config.steps, "unipc"), solver_order=config.order,
         solver_type=config.solver_type, lower_order_final=config.lower_order_final,
         use_karras_sigmas=config.karras_sigmas, thresholding=config.thresholding,
         timestep_spacing=config.timestep_spacing,
         final_sigmas_type="sigma_min" if config.solver_type == "bh1" else "zero")
-    return SchedulerSampler(scheduler, config.steps)
+    return SchedulerSampler(scheduler, config.steps, name="unipc")
 
 
 @ddpmkit.hookimpl

@@ -84,3 +84,85 @@ def test_loss_aware_under_two_ranks_follows_one_process(tmp_path):
     loss = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
                       if '"loss"' in x]
     torch.testing.assert_close(torch.tensor(loss(two)), torch.tensor(loss(one)), rtol=1e-4, atol=1e-6)
+
+
+SAMPLER_GRID = {
+    "ddpm": {},
+    "ddim": {"eta": [0.0, 1.0], "timestep_spacing": ["leading", "trailing", "linspace"], "clipped_epsilon": [True, False]},
+    "dpm-solver++": {"order": [1, 2, 3], "algorithm": ["dpmsolver++", "sde-dpmsolver++"], "lower_order_final": [True, False],
+                     "karras_sigmas": [True, False], "thresholding": [True, False],
+                     "timestep_spacing": ["leading", "trailing", "linspace"]},
+    "unipc": {"order": [1, 2, 3], "solver_type": ["bh1", "bh2"], "lower_order_final": [True, False],
+              "karras_sigmas": [True, False], "thresholding": [True, False],
+              "timestep_spacing": ["leading", "trailing", "linspace"]},
+    "heun": {"karras_sigmas": [True, False], "timestep_spacing": ["leading", "trailing", "linspace"]},
+    "euler-ancestral": {"timestep_spacing": ["leading", "trailing", "linspace"]},
+}
+
+
+def test_every_accepted_sampler_option_combination_samples_finite_images():
+    """Every option combination of every built-in sampler, on linear and cosine T = 1000 at 5 and 20
+    steps (a fixed random third of the 1,800 combinations), with a zero network: the samples are finite,
+    or the combination is refused when the sampler is built, in one line."""
+    import itertools
+    import random
+    import warnings
+
+    import ddpmkit
+    from ddpmkit.assembly import build_sampler
+
+    combos = []
+    for schedule in ("linear", "cosine"):
+        for name, grid in SAMPLER_GRID.items():
+            for values in itertools.product(*grid.values()):
+                for steps in (5, 20):
+                    options = dict(zip(grid, values))
+                    if name != "ddpm":
+                        options["steps"] = steps
+                    elif steps == 20:
+                        continue
+                    combos.append((schedule, name, options))
+    chosen = random.Random(0).sample(combos, len(combos) // 3)
+    diffusions = {s: ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", s, {"timesteps": 1000}))
+                  for s in ("linear", "cosine")}
+    refused = sampled = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for schedule, name, options in chosen:
+            try:
+                sampler, _ = build_sampler(name, options, diffusions[schedule])
+            except ddpmkit.DdpmkitError as exc:
+                assert "\n" not in str(exc) and str(exc).startswith(name), str(exc)
+                refused += 1
+                continue
+            x = sampler.sample(lambda x, t: torch.zeros_like(x), (1, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(x).all(), (schedule, name, options)
+            sampled += 1
+    assert refused > 0 and sampled > refused  # both kinds are in the sample
+
+
+def test_issue_reproductions_are_refused_in_one_line():
+    import ddpmkit
+    from ddpmkit.assembly import build_sampler
+
+    cosine = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "cosine", {"timesteps": 1000}))
+    try:
+        build_sampler("dpm-solver++", {"steps": 20, "karras_sigmas": True}, cosine)
+        raise AssertionError("not refused")
+    except ddpmkit.DdpmkitError as exc:
+        assert str(exc) == ("dpm-solver++: its first 5 of 20 steps fall on the same training timestep t = 999 (the "
+                            "schedule's σ_max = 2.03e+04), which the solver cannot step through; use karras_sigmas=false, "
+                            "fewer steps, or a schedule with a smaller σ_max (e.g. linear)")
+    linear = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": 1000}))
+    try:
+        build_sampler("unipc", {"steps": 20, "lower_order_final": False}, linear)  # order 2, bh2
+        raise AssertionError("not refused")
+    except ddpmkit.DdpmkitError as exc:
+        assert str(exc) == ("unipc: lower_order_final=false with order 2, solver_type bh2 cannot take the last step "
+                            "to σ = 0 (NaN or a singular system); keep lower_order_final=true (the default), or use "
+                            "solver_type=bh1")
+    # what still works: the same solvers without the refused option
+    for name, options in (("dpm-solver++", {"steps": 20}), ("unipc", {"steps": 20, "lower_order_final": False,
+                                                                      "solver_type": "bh1"})):
+        sampler, _ = build_sampler(name, options, cosine)
+        assert torch.isfinite(sampler.sample(lambda x, t: torch.zeros_like(x), (1, 1, 4, 4))).all()

@@ -176,7 +176,7 @@ def test_cli_cuda_graphs_on_cpu_refused_in_one_line(tmp_path):
 def test_cli_run_default_conditional_bf16_draws_its_grid(tmp_path):
     """`ddpmkit run --precision bf16` on the (class-conditional) default: trains, saves, draws the grid."""
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["run", "--precision", "bf16", "--max-steps", "2", "--batch-size", "8", "--samples", "10",
+    r = CliRunner().invoke(cli, ["run", "--precision", "bf16", "--max-steps", "2", "--batch-size", "4", "--samples", "2",
                                  "--set", "dataset.limit=64", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors").exists() and (out / "samples.png").stat().st_size > 0

@@ -292,8 +292,9 @@ def sample(checkpoint, n, fmt, out, seed, batch_size, sampler, steps, sets, clas
                                f"use --sampler dpm-solver++ (or ddim) --steps {options['steps']}")
         options.pop("steps")
     out = out or {"grid": "samples.png", "png": "samples", "npz": "samples.npz"}[fmt]
-    if fmt == "png" and Path(out).is_file() or fmt != "png" and Path(out).is_dir():
-        raise DdpmkitError(f"--out '{out}' is a {'file' if Path(out).is_file() else 'folder'}; --format {fmt} writes "
+    is_file, is_dir = Path(out).is_file(), Path(out).is_dir()
+    if is_file if fmt == "png" else is_dir:
+        raise DdpmkitError(f"--out '{out}' is a {'file' if is_file else 'folder'}; --format {fmt} writes "
                            + ("a folder of PNGs" if fmt == "png" else "a file"))
     labels = pipe.class_labels(n, _class_list(classes))
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,

@@ -256,6 +256,13 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     return atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=nrow, padding=2, format="PNG"))
 
 
+def _pixels(images: torch.Tensor):
+    """Images in [-1, 1] ``(N, C, H, W)`` → uint8 numpy ``(N, H, W, C)``, as PNG files and .npz hold them."""
+    from .metrics import to_uint8
+
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _safe(name: str) -> str:
     """A class name as a file-name part: letters, digits, '.', '_' and '-' kept, anything else '_'."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "class"
@@ -274,11 +281,9 @@ def save_image_files(images: torch.Tensor, folder: str | os.PathLike, labels: to
     """
     from PIL import Image
 
-    from .metrics import to_uint8
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = _pixels(images)
     width = max(5, len(str(len(pixels) - 1)))
     paths = []
     for i, px in enumerate(pixels):
@@ -304,9 +309,7 @@ def save_npz(images: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor
     """
     import numpy as np
 
-    from .metrics import to_uint8
-
-    arrays = [to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
+    arrays = [_pixels(images)]
     if labels is not None:
         arrays.append(labels.cpu().numpy().astype(np.int64))
 

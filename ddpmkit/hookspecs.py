@@ -119,7 +119,9 @@ def register_samplers(register):
     ``sample(model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32)``
     returning x_0 of ``shape``; ``progress(k)`` is called after the k-th network evaluation.
     A sampler that uses a learned variance (the model's ``2C`` output) says so with the attribute
-    ``uses_learned_variance = True``; with any other, a learned-variance run warns once.
+    ``uses_learned_variance = True``; with any other, a learned-variance run warns once. Likewise a
+    sampler that clips x̂_0 when ``diffusion.clip_sample`` is on (to ``±diffusion.clip_range``) says
+    ``uses_clip_sample = True``; with any other, a clipping run warns once.
     """
 
 

@@ -131,6 +131,11 @@ class Pipeline:
             _WARNED_VARIANCE.add(sampler)
             warnings.warn(f"sampler '{sampler}' ignores the model's learned variance (it sets its own σ_t); "
                           f"the ddpm sampler uses it", stacklevel=2)
+        if self.diffusion.clip_sample and not getattr(sampler_obj, "uses_clip_sample", False) \
+                and sampler not in _WARNED_CLIP:
+            _WARNED_CLIP.add(sampler)
+            warnings.warn(f"sampler '{sampler}' ignores the run's clipping of x̂_0 to ±{self.diffusion.clip_range:g} "
+                          f"(--clip); every built-in sampler uses it", stacklevel=2)
         fast = FastPath.from_run(self.config) if fast is None else fast
         was_training = self.model.training
         self.model.eval()
@@ -156,6 +161,7 @@ class Pipeline:
 
 
 _WARNED_VARIANCE: set[str] = set()  # samplers already told (once per process)
+_WARNED_CLIP: set[str] = set()
 
 
 def _conditioned(model, class_labels: torch.Tensor):

@@ -9,8 +9,20 @@ which runs the scheduler's step as ddpmkit's sampler contract asks:
           linspace or trailing spacing and √(σ_max² + 1) with leading spacing (diffusers' rule)
     for t in the scheduler's timesteps:
         out = net(scale(x, t), t)            # the run's network (guided or not: the sampler never knows)
+        out = clipped(out)                   # when the run clips x̂_0 (--clip): see below
         x = scheduler.step(out, t, x)        # the solver's update
     return x
+
+With the run's clipping on, the network's output is replaced by the output that predicts the clipped
+x̂_0 at the scheduler's own σ (α_t = 1/√(σ² + 1), σ_t = σ·α_t, x_t the network's input):
+
+    x̂_0 = clip((x_t − σ_t·ε̂)/α_t),   ε̂' = (x_t − α_t·x̂_0)/σ_t          (ε prediction)
+    x̂_0 = clip(α_t·x_t − σ_t·v̂),     v̂' = (α_t·x_t − x̂_0)/σ_t          (v prediction)
+    x̂_0 = clip(x̂_0)                                                      (x0 prediction)
+
+so every solver steps along the clipped x̂_0, as DDIM's ``clipped_epsilon`` and guided-diffusion do.
+(For the range [−1, 1] this is what diffusers' ``thresholding=True`` with its default
+``sample_max_value=1`` does inside dpm-solver++ and unipc; euler-ancestral has no such switch.)
 
 This is a helper of the built-in plugins, not a plugin: it registers nothing.
 """
@@ -34,6 +46,11 @@ def scheduler_kwargs(diffusion: ddpmkit.GaussianDiffusion, steps: int, name: str
             "prediction_type": DIFFUSERS_PREDICTION[diffusion.prediction]}
 
 
+def clip_kwargs(diffusion: ddpmkit.GaussianDiffusion) -> dict:
+    """:class:`SchedulerSampler`'s ``clip_range`` and ``prediction`` for the run's clipping (none if off)."""
+    return {"clip_range": diffusion.clip_range if diffusion.clip_sample else None, "prediction": diffusion.prediction}
+
+
 class SchedulerSampler:
     """A ddpmkit sampler around a configured diffusers scheduler.
 
@@ -41,6 +58,11 @@ class SchedulerSampler:
         scheduler: a diffusers scheduler, already built from the run's betas.
         steps: the number of solver steps (``set_timesteps(steps)``).
         stochastic: whether ``step`` draws noise (it then gets the sampler's generator).
+        name: the sampler's name, for error messages.
+        repeats_timesteps: whether the scheduler may repeat its first timestep (Heun's 2 calls per step).
+        clip_range: clip x̂_0 to ``[-clip_range, clip_range]`` by rewriting the network's output (above);
+            ``None`` (default): no clipping here (the run does not clip, or the scheduler clips itself).
+        prediction: the network's target, ``epsilon``, ``v`` or ``x0`` (needed with ``clip_range``).
 
     ``num_steps`` is the number of network calls, ``len(scheduler.timesteps)`` (Heun: 2·steps − 1).
     The network gets long ``t``, as the predictor contract says. Where the scheduler's timestep falls
@@ -49,9 +71,12 @@ class SchedulerSampler:
     on; the scheduler keeps its exact σ. (diffusers passes the fraction to the UNet instead.)
     """
 
+    uses_clip_sample = True  # the run's clipping: here (clip_range) or in the scheduler (heun)
+
     def __init__(self, scheduler, steps: int, stochastic: bool = False, name: str = "sampler",
-                 repeats_timesteps: bool = False):
+                 repeats_timesteps: bool = False, clip_range: float | None = None, prediction: str = "epsilon"):
         self.scheduler, self.steps, self.stochastic = scheduler, steps, stochastic
+        self.clip_range, self.prediction = clip_range, prediction
         scheduler.set_timesteps(steps)
         self.timesteps = [int(v) for v in scheduler.timesteps.double().round()]  # the network's t
         self.num_steps = len(self.timesteps)
@@ -79,7 +104,19 @@ class SchedulerSampler:
             out = model(s.scale_model_input(x, t), tb)
             if out.shape[1] != channels:  # a learned variance: the solvers use the prediction only
                 out = out[:, :channels]
+            if self.clip_range is not None:
+                out = self._clipped(out, s.scale_model_input(x, t), float(s.sigmas[k]))
             x = s.step(out, t, x, **extra).prev_sample
             if progress is not None:
                 progress(k + 1)
         return x.to(dtype)
+
+    def _clipped(self, out, xt, sigma: float):
+        """The output that predicts x̂_0 clipped to ±clip_range at σ (the formulas in the module doc)."""
+        r, a = self.clip_range, 1.0 / (sigma * sigma + 1.0) ** 0.5
+        s = sigma * a  # σ_t
+        if self.prediction == "x0":
+            return out.clamp(-r, r)
+        if self.prediction == "v":
+            return (a * xt - (a * xt - s * out).clamp(-r, r)) / s
+        return (xt - a * ((xt - s * out) / a).clamp(-r, r)) / s

@@ -58,6 +58,8 @@ def ddim_timesteps(T: int, steps: int, spacing: str) -> list[int]:
 
 
 class DDIMSampler:
+    uses_clip_sample = True  # the run's clipping of x̂_0 (GaussianDiffusion.split_output)
+
     def __init__(self, config: DDIMConfig, *, diffusion: ddpmkit.GaussianDiffusion):
         T = diffusion.num_timesteps
         if config.steps > T:

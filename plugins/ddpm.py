@@ -8,6 +8,7 @@ import ddpmkit
 
 class DDPMSampler:
     uses_learned_variance = True  # a learned_range model's σ_t (improved DDPM) is used at every step
+    uses_clip_sample = True  # the run's clipping of x̂_0 (GaussianDiffusion.p_mean_variance)
 
     def __init__(self, config=None, *, diffusion: ddpmkit.GaussianDiffusion):
         self.diffusion = diffusion

@@ -16,7 +16,7 @@ import attrs
 
 import ddpmkit
 
-from ._solver_loop import SPACINGS, SchedulerSampler, scheduler_kwargs
+from ._solver_loop import SPACINGS, SchedulerSampler, clip_kwargs, scheduler_kwargs
 
 
 @attrs.define
@@ -39,7 +39,7 @@ def make(config: EulerAncestralConfig, *, diffusion: ddpmkit.GaussianDiffusion) 
                                    "epsilon or v); use dpm-solver++, unipc or heun")
     scheduler = EulerAncestralDiscreteScheduler(**scheduler_kwargs(diffusion, config.steps, "euler-ancestral"),
                                                 timestep_spacing=config.timestep_spacing)
-    return SchedulerSampler(scheduler, config.steps, stochastic=True, name="euler-ancestral")
+    return SchedulerSampler(scheduler, config.steps, **clip_kwargs(diffusion), stochastic=True, name="euler-ancestral")
 
 
 @ddpmkit.hookimpl

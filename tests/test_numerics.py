@@ -210,3 +210,106 @@ def test_every_sampler_on_gaussian_data_with_the_exact_denoiser():
             assert abs(float(x.mean())) < 0.05, (schedule, name, options, float(x.mean()))
     with pytest.raises(ddpmkit.DdpmkitError, match=r"^heun: the schedule's σ_max = 2.03e\+04 makes its first step"):
         build_sampler("heun", {"steps": 20}, d)  # cosine, linspace
+
+
+def _constant_x0_network(diffusion, prediction: str, target: float):
+    """The exact network output for data that is the constant ``target`` (outside [-1, 1])."""
+    ab = diffusion.alphas_cumprod
+
+    def net(x, t):
+        a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+        x0 = torch.full_like(x, target)
+        eps = (x - a * x0) / s
+        return {"epsilon": eps, "v": a * eps - s * x0, "x0": x0}[prediction]
+
+    return net
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_every_built_in_sampler_clips_when_the_run_clips(prediction):
+    """Item 3: a network that predicts x̂_0 = 3 everywhere ends at 3 without clipping and at the clip
+    bound 1 with it, for every built-in sampler (dpm-solver++, unipc and euler-ancestral ignored
+    --clip before: they ended at 3)."""
+    import ddpmkit
+    from ddpmkit.assembly import build_sampler
+
+    for clip in (False, True):
+        d = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": 100}), clip_sample=clip,
+                                      prediction=prediction)
+        for name in ("ddpm", "ddim", "dpm-solver++", "unipc", "heun", "euler-ancestral"):
+            if name == "euler-ancestral" and prediction == "x0":
+                continue  # refused when built (diffusers' scheduler has no x0 target)
+            sampler, _ = build_sampler(name, {} if name == "ddpm" else {"steps": 10}, d)
+            assert sampler.uses_clip_sample
+            x = sampler.sample(_constant_x0_network(d, prediction, 3.0), (2, 1, 4, 4),
+                               generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(x, torch.full_like(x, 1.0 if clip else 3.0), rtol=0, atol=1e-5,
+                                       msg=f"{name} clip={clip}")
+
+
+@pytest.mark.parametrize("name", ["dpm-solver++", "unipc"])
+def test_solver_clipping_equals_diffusers_thresholding_at_range_one(name):
+    """For the range [-1, 1] the rewritten output steps exactly as diffusers' own ``thresholding=True``
+    (sample_max_value 1) does inside the solver: same samples to float32 rounding."""
+    import ddpmkit
+    from ddpmkit.assembly import build_sampler
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16) * 1.5
+
+    def net(x, t):  # a network whose x̂_0 leaves [-1, 1] at every step
+        return (x.flatten(1) @ weight).view_as(x)
+
+    schedule = ddpmkit.build("schedule", "linear", {"timesteps": 100})
+    clipping = ddpmkit.GaussianDiffusion(schedule, clip_sample=True)
+    plain = ddpmkit.GaussianDiffusion(schedule)
+    shape, g = (3, 1, 4, 4), lambda: torch.Generator().manual_seed(0)
+    ours = build_sampler(name, {"steps": 10}, clipping)[0].sample(net, shape, generator=g())
+    theirs = build_sampler(name, {"steps": 10, "thresholding": True}, plain)[0].sample(net, shape, generator=g())
+    unclipped = build_sampler(name, {"steps": 10}, plain)[0].sample(net, shape, generator=g())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours - unclipped).abs().max() > 1.0  # clipping mattered on this network
+    # dynamic thresholding proper (s up to 3, the 0.9 quantile) reaches the scheduler and differs
+    dynamic = build_sampler(name, {"steps": 10, "thresholding": True, "sample_max_value": 3.0,
+                                   "dynamic_thresholding_ratio": 0.9}, plain)[0]
+    assert (dynamic.scheduler.config.sample_max_value, dynamic.scheduler.config.dynamic_thresholding_ratio) == (3.0, 0.9)
+    assert (dynamic.sample(net, shape, generator=g()) - theirs).abs().max() > 0.1
+
+
+def test_a_sampler_that_ignores_the_runs_clipping_warns_once():
+    """A third-party sampler without ``uses_clip_sample`` on a clipping run: one warning, once; the
+    built-ins say nothing."""
+    import warnings
+
+    import ddpmkit
+    from ddpmkit.pipeline import Pipeline
+
+    class NoClip:
+        @ddpmkit.hookimpl
+        def register_samplers(self, register):
+            class Sampler:
+                num_steps = 1
+
+                def __init__(self, config=None, *, diffusion):
+                    pass
+
+                def sample(self, model, shape, generator=None, device="cpu", progress=None, dtype=torch.float32):
+                    return torch.zeros(shape, dtype=dtype)
+
+            register("no-clip", Sampler, None, "returns zeros")
+
+    ddpmkit.register_plugin(NoClip(), name="no-clip")
+    config = ddpmkit.preset_config("tiny")
+    config.clip_sample = True
+    diffusion = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": 10}), clip_sample=True)
+    pipe = Pipeline(torch.nn.Conv2d(1, 1, 1), diffusion, 1, 4, config, torch.device("cpu"))
+    pipe.model = lambda x, t: torch.zeros_like(x)
+    pipe.model.training, pipe.model.eval, pipe.model.train = False, lambda: None, lambda mode: None
+    ddpmkit.pipeline._WARNED_CLIP.clear()  # once per process: forget earlier tests in this worker
+    with pytest.warns(UserWarning, match=r"sampler 'no-clip' ignores the run's clipping of x̂_0 to ±1 \(--clip\)"):
+        pipe.sample(1, sampler="no-clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # once only; never for a built-in
+        pipe.sample(1, sampler="no-clip")
+        for name in ("ddpm", "ddim", "dpm-solver++", "unipc", "heun", "euler-ancestral"):
+            pipe.sample(1, sampler=name, sampler_options={} if name == "ddpm" else {"steps": 2})

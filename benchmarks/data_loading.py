@@ -1,6 +1,6 @@
 """How long the training loop waits for data, as a fraction of a training step.
 
-For each dataset, the runner's own DataLoader settings (``ddpmkit.training.make_loader``) feed
+For each dataset, the runner's own DataLoader settings (``ddpmkit.run.trainer.make_loader``) feed
 batches of 32 to the seed's 32×32 UNet (Adam, SmoothL1, Algorithm 1). Waiting time (blocked in
 ``next(loader)``) and compute time are measured in the same loop, so the ratio holds on a noisy
 machine. Goal: wait / step < 10%.
@@ -19,7 +19,7 @@ import torch
 
 import ddpmkit
 from ddpmkit.diffusion import GaussianDiffusion
-from ddpmkit.training import default_workers, make_loader
+from ddpmkit.run.trainer import default_workers, make_loader
 
 HERE = Path(__file__).resolve().parent
 

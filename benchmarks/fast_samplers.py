@@ -44,7 +44,7 @@ def main() -> None:
         t0 = time.perf_counter()
         images = pipe.sample(args.n, seed=args.seed, sampler=sampler, sampler_options=options)
         seconds = time.perf_counter() - t0
-        built, _ = ddpmkit.assembly.build_sampler(sampler, options, pipe.diffusion)
+        built, _ = ddpmkit.run.assembly.build_sampler(sampler, options, pipe.diffusion)
         scores = metric(images)
         row = {"sampler": sampler, "steps": options.get("steps", built.num_steps), "calls": built.num_steps,
                "digit_is": scores["digit_is"], "digit_confidence": scores["digit_confidence"],
@@ -63,7 +63,7 @@ def main() -> None:
         for calls in [int(c) for c in args.calls.split(",")]:
             measure(sampler, {"steps": steps_for(sampler, calls)})
     if args.json:
-        ddpmkit.checkpoint.write_json(args.json, {"run": args.run, "n": args.n, "seed": args.seed, "rows": rows})
+        ddpmkit.sdk.files.write_json(args.json, {"run": args.run, "n": args.n, "seed": args.seed, "rows": rows})
     if args.plot:
         plot(rows, args.plot, args.n)
 
@@ -85,7 +85,7 @@ def plot(rows: list[dict], path: str, n: int) -> None:
     ax.set_xscale("log"), ax.set_xlabel("network calls"), ax.set_ylabel("digit-score IS")
     ax.set_title(f"quality against network calls, {n} samples"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
-    ddpmkit.checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    ddpmkit.sdk.files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 

@@ -41,9 +41,9 @@ from rounds import alternate, with_peak  # benchmarks/rounds.py
 from sides import diffusers_pipelines, diffusers_sample  # benchmarks/sides.py
 
 import ddpmkit
-from ddpmkit.accel import FastPath, tf32_mode
-from ddpmkit.assembly import DataShape, build_diffusion, build_predictor
-from ddpmkit.pipeline import Pipeline
+from ddpmkit.run.accel import FastPath, tf32_mode
+from ddpmkit.run.assembly import DataShape, build_diffusion, build_predictor
+from ddpmkit.run.pipeline import Pipeline
 
 FP32 = FastPath(precision="fp32", channels_last=False, tf32=False, compile=False, cuda_graphs=False)
 FP32_GRAPHS = FastPath(precision="fp32", channels_last=False, tf32=False, compile=False, cuda_graphs=True)
@@ -144,11 +144,11 @@ def conditional(args, dev, results):
     rows = {}
     for sampler, opts in (("euler-ancestral", {"steps": 20}), ("ddpm", {})):
         for w in (1.0, 3.0):
-            draw = lambda fast: pipe.sample(args.n, seed=0, batch_size=args.n, sampler=sampler,  # noqa: E731
+            draw = lambda fast, sampler=sampler, opts=opts, w=w: pipe.sample(args.n, seed=0, batch_size=args.n, sampler=sampler,  # noqa: E731
                                             sampler_options=opts, fast=on(dev, fast), guidance=w)
             draw(FAST)  # warm-up: graph capture
-            ref_s, _, ref = timed(lambda: draw(FP32), dev)
-            fast_s, _, out = timed(lambda: draw(FAST), dev)
+            ref_s, _, ref = timed(lambda draw=draw: draw(FP32), dev)
+            fast_s, _, out = timed(lambda draw=draw: draw(FAST), dev)
             diff = (out.float() - ref.float()).abs()
             rows[f"{sampler} W={w:g}"] = {"fp32_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
                                          "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item()}
@@ -222,7 +222,8 @@ def main():
     global TIMESTEPS
     TIMESTEPS = args.timesteps
     dev = ddpmkit.resolve_device(args.device)
-    results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__, "sampling": {}, "training": {}}
+    results = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+               "sampling": {}, "training": {}}
     for part, fn in (("sampling", sampling), ("conditional", conditional), ("training", training)):
         if args.skip != part:
             fn(args, dev, results)

@@ -12,13 +12,12 @@ the diversity–fidelity trade-off; the grid is 10 images of each class (rows) a
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import ddpmkit
-from ddpmkit.evaluation import MetricContext
+from ddpmkit.sdk.evaluation import MetricContext
 
 
 def main() -> None:
@@ -55,7 +54,7 @@ def main() -> None:
     print(f"best W = {best['guidance']}: conditional accuracy {best['digit_conditional_accuracy']:.3f}, "
           f"digit IS {best['digit_is']:.3f} ({args.n} samples, {args.sampler} {options or ''})")
     if args.json:
-        ddpmkit.checkpoint.write_json(args.json, {"run": args.run, "n": args.n, "sampler": args.sampler,
+        ddpmkit.sdk.files.write_json(args.json, {"run": args.run, "n": args.n, "sampler": args.sampler,
                                                   "options": options, "rows": rows, "best": best["guidance"]})
     if args.plot:
         plot(rows, args.plot, args.n)
@@ -81,7 +80,7 @@ def plot(rows: list[dict], path: str, n: int) -> None:
     ax2.set_ylabel("digit-score IS")
     fig.legend(loc="lower right"), ax.grid(alpha=0.3), ax.set_title(f"classifier-free guidance, {n} samples")
     fig.tight_layout()
-    ddpmkit.checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    ddpmkit.sdk.files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 

@@ -18,7 +18,7 @@ import torch
 from rounds import alternate  # benchmarks/rounds.py
 
 import ddpmkit
-from ddpmkit.metrics import SeedInception
+from ddpmkit.sdk.metrics import SeedInception
 
 
 def main():
@@ -54,7 +54,8 @@ def main():
 
     times = alternate({"ddpmkit": run_ours, "torchmetrics": run_torchmetrics}, args.rounds)
     mo, mt = statistics.median(times["ddpmkit"]), statistics.median(times["torchmetrics"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} images 32×32 → 299×299, batch {args.batch_size}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} images 32×32 → 299×299, "
+          f"batch {args.batch_size}")
     print(f"median: ddpmkit {mo:.1f} s, torchmetrics {mt:.1f} s, ratio ddpmkit/torchmetrics = {mo / mt:.3f}")
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import ddpmkit
-from ddpmkit.metrics import dataset_images, to_uint8_rgb
+from ddpmkit.sdk.metrics import dataset_images, to_uint8_rgb
 
 
 def main() -> None:

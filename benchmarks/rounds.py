@@ -5,7 +5,8 @@ compared by their medians (or minima). Also: a row's peak memory (CUDA or the CP
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -36,7 +36,7 @@ from rounds import alternate, with_peak  # benchmarks/rounds.py
 from sides import diffusers_pipelines, diffusers_sample, laptop_checkpoint  # benchmarks/sides.py
 
 import ddpmkit
-from ddpmkit.accel import FastPath
+from ddpmkit.run.accel import FastPath
 
 ROWS = {
     "diffusers ddpm": None,

@@ -19,7 +19,7 @@ from plain_loop import plain_loop  # benchmarks/plain_loop.py, beside this scrip
 from rounds import alternate, with_peak  # benchmarks/rounds.py
 
 import ddpmkit
-from ddpmkit.training import train
+from ddpmkit.run.trainer import train
 
 
 def ddpmkit_loop(config, steps: int) -> float:

@@ -12,12 +12,24 @@ Library use::
     betas = ddpmkit.build("schedule", "linear", {"timesteps": 300})
 """
 
-__version__ = "0.1.0"
+import sys
 
-from .hookspecs import hookimpl  # noqa: E402
-from .errors import DdpmkitError, PluginError  # noqa: E402
-from .kinds import KINDS, KIND_TABLE  # noqa: E402
-from .plugins import (  # noqa: E402
+from ddpmkit import run, sdk  # noqa: F401  (ddpmkit.sdk.metrics, ddpmkit.run.assembly, ...)
+from ddpmkit._version import __version__
+from ddpmkit.diffusion import GaussianDiffusion, LossContext, ModelOutput
+from ddpmkit.errors import DdpmkitError, PluginError
+from ddpmkit.run import accel, assembly
+from ddpmkit.run.accel import FastPath
+from ddpmkit.run.config import ComponentSpec, RunConfig
+from ddpmkit.run.pipeline import Pipeline, load_checkpoint, resolve_device, save_grid
+from ddpmkit.run.presets import PRESETS, preset_config
+from ddpmkit.run.trainer import Trainer, train
+from ddpmkit.sdk import contract, data, evaluation, metrics, testing, validators
+from ddpmkit.sdk.contract import ContractError
+from ddpmkit.sdk.evaluation import MetricContext
+from ddpmkit.sdk.hookspecs import hookimpl
+from ddpmkit.sdk.kinds import KIND_TABLE, KINDS
+from ddpmkit.sdk.registry import (
     Component,
     available,
     build,
@@ -27,14 +39,12 @@ from .plugins import (  # noqa: E402
     reset_manager,
     unregister_plugin,
 )
-from .diffusion import GaussianDiffusion, LossContext, ModelOutput  # noqa: E402
-from .contract import ContractError  # noqa: E402
-from .config import ComponentSpec, RunConfig, PRESETS, preset_config  # noqa: E402
-from .pipeline import Pipeline, load_checkpoint, save_grid, resolve_device  # noqa: E402
-from .training import Trainer, train  # noqa: E402
-from .evaluation import MetricContext  # noqa: E402
-from .accel import FastPath  # noqa: E402
-from . import accel, assembly, checkpoint, contract, data, metrics, state, validators  # noqa: E402,F401
+
+# Modules that lived at the top before the layers became folders keep their old import paths
+# (``import ddpmkit.testing``, ``from ddpmkit.metrics import ...``): the same module objects.
+for _module in (contract, data, evaluation, metrics, testing, validators, accel, assembly):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+del _module
 
 __all__ = [
     "__version__", "hookimpl", "DdpmkitError", "PluginError", "KINDS", "Component", "available", "build",

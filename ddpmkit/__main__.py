@@ -1,3 +1,3 @@
-from .cli import main
+from ddpmkit.cli import main
 
 main()

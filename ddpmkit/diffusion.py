@@ -12,7 +12,8 @@ and cast to the sample's dtype only when used.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 PREDICTIONS = ("epsilon", "x0", "v")
+# The same targets as diffusers' schedulers name them (``prediction_type``)
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 class ModelOutput(NamedTuple):
@@ -184,15 +187,15 @@ class GaussianDiffusion:
 
         (The seed's Algorithm 1 writes α_t; the paper's ᾱ_t is right.) With another
         prediction target the loss compares the network's output with that target.
-        Arguments as :meth:`training_losses`.
+        Arguments as :meth:`loss_terms`.
         """
-        return self.training_losses(model, x0, loss_fn, generator, min_snr_gamma, global_batch, offset, **kwargs).loss
+        return self.loss_terms(model, x0, loss_fn, generator, min_snr_gamma, global_batch, offset, **kwargs).loss
 
-    def training_losses(self, model: Callable[..., Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
-                        generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
-                        global_batch: int | None = None, offset: int = 0, timestep_sampler: Any = None,
-                        conditions: dict[str, Tensor] | None = None, per_sample: bool = False,
-                        loss_context: bool = False) -> LossTerms:
+    def loss_terms(self, model: Callable[..., Tensor], x0: Tensor, loss_fn: Callable[..., Tensor],
+                   generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                   global_batch: int | None = None, offset: int = 0, timestep_sampler: Any = None,
+                   conditions: dict[str, Tensor] | None = None, per_sample: bool = False,
+                   loss_context: bool = False) -> LossTerms:
         """Algorithm 1's objective, with the extensions the plugin contract allows.
 
         Args:
@@ -224,7 +227,7 @@ class GaussianDiffusion:
             t, eps = t[offset: offset + b], eps[offset: offset + b]
             weights = None if weights is None else weights[offset: offset + b]
         xt = self.q_sample(x0, t, eps)                                                           # eq. (10)
-        output = self.split_model_output(model(xt, t, **(conditions or {})))
+        output = self.prediction_and_variance(model(xt, t, **(conditions or {})))
         target = self.target(x0, eps, t)
         kw = {"context": LossContext(x0, xt, t, eps, output, target, weights, self)} if loss_context else {}
         if not (min_snr_gamma or per_sample or weights is not None):
@@ -246,7 +249,7 @@ class GaussianDiffusion:
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ) / √ᾱ_t = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε_θ."""
         return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
-    def split_model_output(self, output: Tensor) -> ModelOutput:
+    def prediction_and_variance(self, output: Tensor) -> ModelOutput:
         """The network's raw output as a :class:`ModelOutput`: with ``learned_range`` the first C
         channels are the prediction and the last C the variance interpolation v; else all prediction."""
         if self.variance_type != "learned_range":
@@ -262,11 +265,11 @@ class GaussianDiffusion:
         frac = (v + 1) / 2
         return frac * _gather(self.log_betas, t, xt) + (1 - frac) * _gather(self.posterior_log_variance_clipped, t, xt)
 
-    def split_output(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def eps_and_x0(self, output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The network's output as (ε̂, x̂_0), whatever it predicts; x̂_0 is clipped when clipping is on.
-        A learned variance in the output is set aside (see :meth:`split_model_output`)."""
+        A learned variance in the output is set aside (see :meth:`prediction_and_variance`)."""
         if output.shape[1] != xt.shape[1]:  # the raw output, prediction and variance
-            output = self.split_model_output(output).prediction
+            output = self.prediction_and_variance(output).prediction
         a, s = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
         if self.prediction == "epsilon":
             eps, x0 = output, self.predict_x0(xt, t, output)
@@ -288,14 +291,19 @@ class GaussianDiffusion:
         """
         if self.prediction == "epsilon" and not self.clip_sample:
             return _gather(self.sqrt_recip_alphas, t, xt) * (xt - _gather(self.eps_coef, t, xt) * output)
-        return self.q_posterior(self.split_output(output, xt, t)[1], xt, t)[0]
+        return self.q_posterior(self.eps_and_x0(output, xt, t)[1], xt, t)[0]
 
-    def p_step(self, eps: Tensor, xt: Tensor, t: int, noise: Tensor | None, t_batch: Tensor | None = None) -> Tensor:
+    # The names of ddpmkit 0.1 (kept for plugins written against it): the same methods
+    split_output = eps_and_x0
+    split_model_output = prediction_and_variance
+    training_losses = loss_terms
+
+    def p_step(self, output: Tensor, xt: Tensor, t: int, noise: Tensor | None, t_batch: Tensor | None = None) -> Tensor:
         """One reverse step, Algorithm 2 lines 3–5: x_{t−1} = μ_θ(x_t, t) + σ_t z.
 
         Args:
-            eps: the network's output at (x_t, t) (ε_θ for ε-prediction), shape like ``xt`` (twice the
-                channels with a learned variance).
+            output: the network's raw output at (x_t, t) (ε_θ for ε-prediction), shape like ``xt``
+                (twice the channels with a learned variance).
             xt: current sample, ``(B, C, H, W)``.
             t: the 0-based step (the same for the whole batch).
             noise: z ~ N(0, I) shaped like ``xt``; ignored (z = 0) when ``t == 0``.
@@ -303,7 +311,7 @@ class GaussianDiffusion:
                 caller has it already. Default: made here.
         """
         ti = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device) if t_batch is None else t_batch
-        out = self.split_model_output(eps)
+        out = self.prediction_and_variance(output)
         mean = self.p_mean(out.prediction, xt, ti)
         if t == 0 or noise is None:   # line 3: z = 0 at the last step
             return mean
@@ -445,7 +453,7 @@ class GaussianDiffusion:
             noise = torch.randn(x.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             xt = self.q_sample(x, t, noise)
             cond = {key: v.repeat(k, *[1] * (v.ndim - 1)) for key, v in (conditions or {}).items()}
-            terms = self.vlb_terms(self.split_model_output(model(xt, t, **cond)), x, xt, t).reshape(k, b)
+            terms = self.vlb_terms(self.prediction_and_variance(model(xt, t, **cond)), x, xt, t).reshape(k, b)
             at_zero = ts == 0
             kl += terms[~at_zero].sum(dim=0)
             decoder += terms[at_zero].sum(dim=0)

@@ -7,10 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import DdpmkitError
+from ddpmkit.diffusion import DIFFUSERS_PREDICTION
+from ddpmkit.errors import DdpmkitError
 
 # ddpmkit prediction target → diffusers prediction_type (export and the solver samplers)
-DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def export_diffusers(pipe, out: str | os.PathLike) -> Path:

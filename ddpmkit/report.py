@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from .errors import DdpmkitError
+from ddpmkit.errors import DdpmkitError
 
 
 @attrs.define
@@ -323,7 +323,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     page = ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: "
             + html.escape(", ".join(r.name for r in runs)) + f"</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-    from .checkpoint import atomic_write
+    from ddpmkit.sdk.files import atomic_write
 
     path = Path(out)
     atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

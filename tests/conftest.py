@@ -15,11 +15,33 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 torch.set_num_threads(_THREADS)
 
-TINY_UNET = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-             "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
-TINY_RUN = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
-            *TINY_UNET, "--batch-size", "16", "--max-steps", "3", "--samples", "4", "--no-progress",
-            "--device", "cpu"]
+# The small training run the tests use: the tiny preset on 64 digits at 16×16, T = 20, a U-Net of
+# widths (8, 16), 3 steps of batch 16, a grid of 4, on the CPU without a progress bar.
+SMALL_RUN = {"preset": "tiny", "dataset.limit": 64, "dataset.resolution": 16, "schedule.timesteps": 20,
+             "predictor.block_out_channels": "8,16", "predictor.norm_num_groups": 4,
+             "predictor.layers_per_block": 1, "predictor.attention_resolutions": 8,
+             "batch-size": 16, "max-steps": 3, "samples": 4, "no-progress": True, "device": "cpu"}
+
+
+def small_run(changes: dict | None = None, **more) -> list[str]:
+    """``ddpmkit run`` arguments for :data:`SMALL_RUN` with ``changes``: a key with a dot is a
+    ``--set KEY=VALUE``, any other key an option ``--KEY VALUE`` (``True``: a flag; ``None``: left out).
+    Keyword arguments are options with ``_`` for ``-`` (``small_run(seed=3, max_steps=None)``)."""
+    wanted = {**SMALL_RUN, **(changes or {}), **{k.replace("_", "-"): v for k, v in more.items()}}
+    args = []
+    for key, value in wanted.items():
+        if value is None or value is False:
+            continue
+        if "." in key:
+            args += ["--set", f"{key}={value}"]
+        else:
+            args += [f"--{key}"] + ([] if value is True else [str(value)])
+    return args
+
+
+NO_UNET = {k: None for k in SMALL_RUN if k.startswith("predictor.")}  # changes: the preset's own U-Net
+TINY_UNET = small_run({k: None for k in SMALL_RUN if not k.startswith("predictor.")})  # only the small U-Net
+TINY_RUN = small_run()
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +61,7 @@ def digit_cache(tmp_path_factory):
     under xdist the workers share it (the first trains it under a file lock, the others wait and load)."""
     import fcntl
 
-    from ddpmkit_plugins.digit_score import load_classifier
+    from ddpmkit_plugins.metrics.digit_score import load_classifier
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -154,7 +176,7 @@ def fidelity_weights(tmp_path_factory):
 
 
 class FakeCudaGraphs:
-    """CUDA graph capture stood in for on the CPU, so ``ddpmkit.accel._Graphed``'s own input handling
+    """CUDA graph capture stood in for on the CPU, so ``ddpmkit.run.accel._Graphed``'s own input handling
     runs in the suite.
 
     While a graph is being captured, every call of the fast path's eager network (``_Eager``) is

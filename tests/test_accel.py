@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 import ddpmkit
-from ddpmkit.accel import FastPath, _Eager, _Graphed, accelerated, is_eager, model_memory_format, tf32_mode
 from ddpmkit.cli import cli
+from ddpmkit.run.accel import FastPath, _Eager, _Graphed, accelerated, is_eager, model_memory_format, tf32_mode
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import U8, image_sets
 from PIL import Image
 
 import ddpmkit
 from ddpmkit.cli import cli
-from ddpmkit.metrics import dataset_images, kernel_inception_distance, nearest_neighbours, precision_recall
-from conftest import U8, image_sets
+from ddpmkit.sdk.metrics import dataset_images, kernel_inception_distance, nearest_neighbours, precision_recall
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -7,15 +7,13 @@ import attrs
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 from safetensors.torch import load_file
 
 import ddpmkit
 from ddpmkit.cli import cli
 
-BASE = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
-        "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
-        "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--ema", "0.9"]
+BASE = small_run(max_steps=None, samples=2, ema=0.9)
 
 
 @pytest.fixture(scope="module")

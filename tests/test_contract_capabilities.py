@@ -7,15 +7,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import NO_UNET, TINY_UNET, small_run
 
 import ddpmkit
 import ddpmkit.testing
 from ddpmkit.cli import cli
 
-RUN = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
-       "--batch-size", "16", "--samples", "4", "--no-progress", "--device", "cpu", "--seed", "3"]
-UNET = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
+RUN = small_run(NO_UNET, max_steps=None, seed=3)
+UNET = TINY_UNET
 
 
 def invoke(*args):
@@ -120,7 +119,7 @@ def test_learned_range_step_matches_diffusers(t):
     torch.manual_seed(0)
     z = torch.randn(x.shape, dtype=x.dtype)
     torch.testing.assert_close(d.p_step(out, x, t, z), expected, rtol=1e-4, atol=1e-5)  # diffusers: float32 tables
-    out_split = d.split_model_output(out)
+    out_split = d.prediction_and_variance(out)
     assert torch.equal(out_split.prediction, out[:, :3]) and torch.equal(out_split.variance, out[:, 3:])
 
 
@@ -261,7 +260,7 @@ def test_a_timestep_sampler_draws_weights_learns_and_resumes(tmp_path):
 
 
 def test_builtin_uniform_keeps_the_contract():
-    ddpmkit.testing.check_timestep_sampler("uniform")
+    ddpmkit.sdk.testing.check_timestep_sampler("uniform")
 
 
 # -- loggers ------------------------------------------------------------------------------------------
@@ -298,5 +297,5 @@ def test_a_logger_receives_every_record(tmp_path):
     assert [rec["step"] for rec in Memory.records if "loss" in rec] == [2, 4]
     assert Memory.events == [("open", "linear", None), "flush", "flush", "close"]
     assert not (run / "metrics.jsonl").exists()  # only the loggers asked for
-    ddpmkit.testing.check_logger("jsonl", run_dir=tmp_path / "j")
+    ddpmkit.sdk.testing.check_logger("jsonl", run_dir=tmp_path / "j")
     assert (tmp_path / "j" / "metrics.jsonl").read_text().count("\n") == 3

@@ -8,37 +8,37 @@ import torch
 from PIL import Image
 
 import ddpmkit
-import ddpmkit.testing as contract
+from ddpmkit.sdk import testing as plugin_testing
 
 ddpmkit.reset_manager()
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.mark.parametrize("name", contract.names("schedule"))
+@pytest.mark.parametrize("name", plugin_testing.names("schedule"))
 def test_schedule_contract(name):
-    contract.check_schedule(name)
+    plugin_testing.check_schedule(name)
 
 
-@pytest.mark.parametrize("name", contract.names("predictor"))
+@pytest.mark.parametrize("name", plugin_testing.names("predictor"))
 def test_predictor_contract(name):
-    contract.check_predictor(name, block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(8,))
+    plugin_testing.check_predictor(name, block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(8,))
 
 
-@pytest.mark.parametrize("name", contract.names("loss"))
+@pytest.mark.parametrize("name", plugin_testing.names("loss"))
 def test_loss_contract(name):
-    contract.check_loss(name)
+    plugin_testing.check_loss(name)
 
 
-@pytest.mark.parametrize("name", contract.names("sampler"))
+@pytest.mark.parametrize("name", plugin_testing.names("sampler"))
 def test_sampler_contract(name):
-    contract.check_sampler(name)
+    plugin_testing.check_sampler(name)
 
 
 def test_ddim_contract_with_options():
-    contract.check_sampler("ddim", steps=7, eta=0.7, timestep_spacing="trailing")
+    plugin_testing.check_sampler("ddim", steps=7, eta=0.7, timestep_spacing="trailing")
 
 
-@pytest.mark.parametrize("name", contract.names("dataset"))
+@pytest.mark.parametrize("name", plugin_testing.names("dataset"))
 def test_dataset_contract(name, tmp_path, monkeypatch, aircraft_tree):
     monkeypatch.setenv("DDPMKIT_DATA", str(tmp_path / "cache"))
     options = {"limit": 8, "resolution": 16}
@@ -55,7 +55,7 @@ def test_dataset_contract(name, tmp_path, monkeypatch, aircraft_tree):
         if name == "aircraft":
             options["data_root"] = str(aircraft_tree)
     try:
-        contract.check_dataset(name, **options)
+        plugin_testing.check_dataset(name, **options)
     except ddpmkit.DdpmkitError as exc:  # the data is not on this machine
         pytest.skip(str(exc))
 
@@ -77,9 +77,9 @@ def test_contract_catches_a_bad_schedule():
 
     ddpmkit.register_plugin(Bad(), name="bad")
     with pytest.raises(AssertionError, match="must be float64"):
-        contract.check_schedule("float32-schedule")
+        plugin_testing.check_schedule("float32-schedule")
     with pytest.raises(AssertionError, match="expected 10 betas"):
-        contract.check_schedule("ignores-T")
+        plugin_testing.check_schedule("ignores-T")
 
 
 def test_check_predictor_accepts_a_zero_initialised_last_layer_and_refuses_float64():
@@ -106,10 +106,10 @@ def test_check_predictor_accepts_a_zero_initialised_last_layer_and_refuses_float
             register("zero-last-64", lambda *, channels, resolution: ZeroLast(channels, torch.float64))
 
     ddpmkit.register_plugin(Plugin(), name="zero")
-    model = contract.check_predictor("zero-last")
+    model = plugin_testing.check_predictor("zero-last")
     assert torch.count_nonzero(model.out.weight.grad) > 0
     with pytest.raises(AssertionError, match=r"returned a float64 tensor .* expected output in the input's dtype"):
-        contract.check_predictor("zero-last-64")
+        plugin_testing.check_predictor("zero-last-64")
 
 
 def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance():
@@ -119,7 +119,7 @@ def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance()
     from types import SimpleNamespace
 
     opts = dict(block_out_channels=(8, 16), norm_num_groups=4, attention_resolutions=(7,), patch_size=2)
-    model = contract.check_predictor("unet2d", resolution=28, learn_variance=True, **opts)
+    model = plugin_testing.check_predictor("unet2d", resolution=28, learn_variance=True, **opts)
     assert model.unet.config.sample_size == 14 and model.unet.config.in_channels == 4
     assert model.stem == {"patch_size": 2, "pad": 0}
     # a pad alone is a stem too (export refuses it); no patch and no pad is none
@@ -138,7 +138,7 @@ def test_unet2d_patch_stem_keeps_pixels_and_the_prediction_before_the_variance()
     with pytest.raises(ddpmkit.DdpmkitError, match="patch_size=3 must divide the resolution 28"):
         ddpmkit.build("predictor", "unet2d", {"patch_size": 3}, channels=1, resolution=28, num_classes=None)
     # pad=2: 28 + 4 = 32 → 16 inside, three levels; the padding is cropped away again, pixel for pixel
-    padded = contract.check_predictor("unet2d", resolution=28, **{**opts, "block_out_channels": (8, 16, 16),
+    padded = plugin_testing.check_predictor("unet2d", resolution=28, **{**opts, "block_out_channels": (8, 16, 16),
                                                                    "attention_resolutions": (8,), "pad": 2})
     assert padded.unet.config.sample_size == 16
     class Same(torch.nn.Module):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 from PIL import Image
 
 import ddpmkit
@@ -93,7 +94,6 @@ def test_cifar10_class_folders_real_images():
 
 def test_cifar10_pickles(tmp_path, monkeypatch):
     import torchvision.datasets
-
     import torchvision.datasets.cifar
 
     # the files are ours, not the real release, so skip torchvision's md5 checks
@@ -205,9 +205,9 @@ def test_run_on_image_folder_with_workers(folder, tmp_path, tiny_args):
 
 
 def _tiny_preset_args(tmp_path):
-    return ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-            "--set", "predictor.attention_resolutions=16", "--max-steps", "1", "--samples", "1",
-            "--set", "schedule.timesteps=5", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run")]
+    return small_run({"preset": None, "dataset.limit": None, "dataset.resolution": None, "schedule.timesteps": 5,
+                      "predictor.layers_per_block": None, "predictor.attention_resolutions": 16},
+                     batch_size=None, max_steps=1, samples=1, out=tmp_path / "run")
 
 
 def test_preset_aircraft_runs_on_the_tree(aircraft_tree, tmp_path):

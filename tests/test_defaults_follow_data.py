@@ -158,7 +158,7 @@ def test_explicit_choices_that_cannot_work_are_one_line(testdata, tmp_path):
 
 
 def test_fit_stem_table():
-    from ddpmkit_plugins.unet2d import fit_stem
+    from ddpmkit_plugins.predictors.unet2d import fit_stem
 
     # side → (patch, pad before, pad after) for the 3-level default network
     expected = {8: (1, 0, 0), 13: (1, 1, 2), 16: (1, 0, 0), 20: (2, 2, 2), 28: (2, 2, 2), 32: (2, 0, 0),

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import ddpmkit
-from ddpmkit.pipeline import Pipeline
+from ddpmkit.run.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -25,12 +25,12 @@ import torch
 from click.testing import CliRunner
 
 import ddpmkit
-from ddpmkit.accel import FastPath
-from ddpmkit.assembly import DataShape, build_diffusion, build_predictor
-from ddpmkit.checkpoint import save_model_file
 from ddpmkit.cli import cli
-from ddpmkit.config import config_to_dict
-from ddpmkit.pipeline import Pipeline
+from ddpmkit.run.accel import FastPath
+from ddpmkit.run.assembly import DataShape, build_diffusion, build_predictor
+from ddpmkit.run.model_file import save_model_file
+from ddpmkit.run.pipeline import Pipeline
+from ddpmkit.sdk.options import config_to_dict
 
 CPU = torch.device("cpu")
 CAPABILITIES = ("unconditional", "conditional", "guided", "learned-variance")
@@ -116,7 +116,7 @@ def test_conditions_reach_the_network_under_every_switch(fake_cuda_graphs):
 def test_graph_static_inputs_follow_every_condition(fake_cuda_graphs):
     """Keyword inputs are static inputs of the graph: new values at the same shape are copied in and
     replayed; a new shape or dtype (a continuous noise level instead of integer t) captures anew."""
-    from ddpmkit.accel import _Eager, _Graphed
+    from ddpmkit.run.accel import _Eager, _Graphed
 
     class Net(torch.nn.Module):
         def forward(self, x, t, class_labels=None, sigma=None):

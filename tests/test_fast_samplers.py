@@ -14,8 +14,7 @@ import itertools
 
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler
 
 import ddpmkit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
+from conftest import NO_UNET, TINY_UNET, small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
@@ -18,10 +18,9 @@ pytestmark = pytest.mark.installs
 
 PACKAGE = Path(__file__).resolve().parent / "faulty_plugins"
 DIST = "ddpmkit-faulty"
-PRED = ["--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8"]
-RUN = ["--preset", "tiny", "--set", "schedule.timesteps=10", "--batch-size", "8", "--max-steps", "2", "--samples", "2",
-       "--no-progress", "--device", "cpu"]
+PRED = TINY_UNET
+RUN = small_run({**NO_UNET, "dataset.limit": None, "dataset.resolution": None, "schedule.timesteps": 10},
+                batch_size=8, max_steps=2, samples=2)
 DATA = ["--set", "dataset.limit=32", "--set", "dataset.resolution=16"]
 NET = [*PRED, *RUN]
 TINY = [*NET, *DATA]
@@ -116,8 +115,8 @@ def test_each_fault_is_one_line_before_training(installed, tmp_path, args, expec
 
 def test_faulty_predictor_fails_the_testing_kit_too(installed):
     """ddpmkit.testing and the run-time probe share their checks (and their message)."""
-    import ddpmkit.testing as contract
+    from ddpmkit.sdk import testing as plugin_testing
 
     ddpmkit.reset_manager()
     with pytest.raises(AssertionError, match=r"predictor 'float64-net' .* returned a float64 tensor"):
-        contract.check_predictor("float64-net")
+        plugin_testing.check_predictor("float64-net")

@@ -5,15 +5,13 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
-from ddpmkit.pipeline import Pipeline
+from ddpmkit.run.pipeline import Pipeline
 
-TINY = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
-        "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
-        "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--class-conditional"]
+TINY = small_run(max_steps=None, samples=2, class_conditional=True)
 
 
 class Fake(torch.nn.Module):
@@ -50,7 +48,7 @@ def test_guidance_arithmetic(sampler):
 
 
 def _by_hand(pipe, net):
-    sampler, _ = ddpmkit.assembly.build_sampler(pipe.config.sampler.name, pipe.config.sampler.options, pipe.diffusion)
+    sampler, _ = ddpmkit.run.assembly.build_sampler(pipe.config.sampler.name, pipe.config.sampler.options, pipe.diffusion)
     out = sampler.sample(net, (4, 1, 4, 4), generator=torch.Generator().manual_seed(1))
     return out.float().clamp(-1, 1)
 
@@ -74,7 +72,7 @@ def test_label_dropout_rate_and_resume(tmp_path):
     assert r.exit_code == 0, r.output
     # the rate, over 3,200 draws from a trainer's own generator
     config = ddpmkit.load_checkpoint(run).config
-    from ddpmkit.training import Dist, Trainer
+    from ddpmkit.run.trainer import Dist, Trainer
 
     trainer = Trainer(config, tmp_path / "unused", torch.device("cpu"), ddpmkit.FastPath.eager(), Dist(),
                       progress=False)
@@ -146,7 +144,7 @@ def test_a_short_conditional_run_on_real_digits_draws_the_class_asked_for(digit_
     prediction, which learns a class's shape soonest), samples asked for digit k are classified as k
     by digit-score far above chance (10 %), and guidance raises the share (measured on 2026-11-30
     with exactly this test's settings, 200 samples: W = 0 → 0.115, W = 3 → 0.49)."""
-    from ddpmkit.evaluation import MetricContext
+    from ddpmkit.sdk.evaluation import MetricContext
 
     config = ddpmkit.preset_config("tiny-cond")
     config.schedule.options["timesteps"] = 100

@@ -169,7 +169,7 @@ def test_hybrid_learned_variance_run_nll_and_diffusers_export(tmp_path, tiny_arg
     assert r.exit_code == 0, r.output
     pipe = ddpmkit.load_checkpoint(run)
     assert pipe.diffusion.variance_type == "learned_range" and pipe.config.loss.name == "hybrid"
-    ddpmkit.pipeline._WARNED_VARIANCE.clear()  # once per process: forget earlier tests in this worker
+    ddpmkit.run.pipeline._WARNED_VARIANCE.clear()  # once per process: forget earlier tests in this worker
     with pytest.warns(UserWarning, match="sampler 'ddim' ignores the model's learned variance"):
         pipe.sample(1, sampler="ddim", sampler_options={"steps": 2})
     with warnings.catch_warnings():

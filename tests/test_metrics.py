@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import U8, image_sets, small_run  # shared with the KID and precision/recall tests
 from PIL import Image
 
 import ddpmkit
 from ddpmkit.cli import cli
-from ddpmkit.metrics import SeedInception, frechet_distance, inception_score
-
-from conftest import U8, image_sets  # shared with the KID and precision/recall tests
+from ddpmkit.sdk.metrics import SeedInception, frechet_distance, inception_score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -226,7 +225,7 @@ def test_evaluate_cli_and_metrics_in_a_run(tmp_path, tiny_args, digit_cache):
 
 def test_digit_score_conditional_accuracy(digit_cache, tmp_path):
     """With the classes that were asked for, digit-score reports the share classified as that class."""
-    from ddpmkit.evaluation import MetricContext
+    from ddpmkit.sdk.evaluation import MetricContext
 
     metric = ddpmkit.build("metric", "digit-score", {"cache_dir": digit_cache}, device="cpu")
     ds = ddpmkit.build("dataset", "mnist-5k")
@@ -239,12 +238,9 @@ def test_digit_score_conditional_accuracy(digit_cache, tmp_path):
     assert all(scores[f"digit_is_class_{k}"] < 1.5 for k in range(10))  # one clean class each: IS near 1
     assert "digit_conditional_accuracy" not in metric(images)
     run = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["run", "--preset", "tiny", "--set", "dataset.limit=64",
-                                 "--set", "dataset.resolution=16",
-                                 "--set", "schedule.timesteps=10", "--set", "predictor.block_out_channels=8,16",
-                                 "--set", "predictor.norm_num_groups=4", "--set", "predictor.attention_resolutions=8",
-                                 "--batch-size", "16", "--max-steps", "2", "--samples", "2", "--no-progress",
-                                 "--device", "cpu", "--class-conditional", "--label-dropout", "0.1", "--out", str(run)])
+    r = CliRunner().invoke(cli, ["run", *small_run({"schedule.timesteps": 10, "predictor.layers_per_block": None},
+                                                   max_steps=2, samples=2, class_conditional=True, label_dropout=0.1,
+                                                   out=run)])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--metric", "digit-score", "-n", "10", "--class", "3",
                                  "--guidance", "2", "--set", f"metric.cache_dir={digit_cache}", "--no-progress",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_run
 
 from ddpmkit.diffusion import discretized_gaussian_log_likelihood as decoder
 
@@ -59,14 +60,11 @@ def test_loss_aware_under_two_ranks_follows_one_process(tmp_path):
     import subprocess
     import sys
 
-    from ddpmkit.state import read_training_state
+    from ddpmkit.run.train_state import read_training_state
 
-    common = ["run", "--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=8",
-              "--set", "schedule.timesteps=6", "--timestep-sampler", "loss-aware", "--set", "timestep_sampler.history=2",
-              "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-              "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=2",
-              "--batch-size", "8", "--max-steps", "8", "--log-every", "1", "--samples", "1", "--no-progress",
-              "--device", "cpu", "--seed", "3", "--ema", "0"]
+    common = ["run", *small_run({"dataset.resolution": 8, "schedule.timesteps": 6, "timestep_sampler.history": 2,
+                                 "predictor.attention_resolutions": 2}, timestep_sampler="loss-aware", batch_size=8,
+                                max_steps=8, log_every=1, samples=1, seed=3, ema=0)]
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "ddpmkit", *common, "--out", str(one)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -110,7 +108,7 @@ def test_every_accepted_sampler_option_combination_samples_finite_images():
     import warnings
 
     import ddpmkit
-    from ddpmkit.assembly import build_sampler
+    from ddpmkit.run.assembly import build_sampler
 
     combos = []
     for schedule in ("linear", "cosine"):
@@ -144,7 +142,7 @@ def test_every_accepted_sampler_option_combination_samples_finite_images():
 
 def test_issue_reproductions_are_refused_in_one_line():
     import ddpmkit
-    from ddpmkit.assembly import build_sampler
+    from ddpmkit.run.assembly import build_sampler
 
     cosine = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "cosine", {"timesteps": 1000}))
     try:
@@ -185,14 +183,14 @@ def test_every_sampler_on_gaussian_data_with_the_exact_denoiser():
     import warnings
 
     import ddpmkit
-    from ddpmkit.assembly import build_sampler
+    from ddpmkit.run.assembly import build_sampler
 
     s2, n = 0.25, 4000
     for schedule in ("linear", "cosine"):
         d = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", schedule, {"timesteps": 1000}))
         ab = d.alphas_cumprod.double()
 
-        def net(x, t):
+        def net(x, t, ab=ab):
             a = ab[t].view(-1, 1, 1, 1).to(x.dtype)
             return (1 - a).sqrt() * x / (a * s2 + 1 - a)
 
@@ -231,7 +229,7 @@ def test_every_built_in_sampler_clips_when_the_run_clips(prediction):
     bound 1 with it, for every built-in sampler (dpm-solver++, unipc and euler-ancestral ignored
     --clip before: they ended at 3)."""
     import ddpmkit
-    from ddpmkit.assembly import build_sampler
+    from ddpmkit.run.assembly import build_sampler
 
     for clip in (False, True):
         d = ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": 100}), clip_sample=clip,
@@ -252,7 +250,7 @@ def test_solver_clipping_equals_diffusers_thresholding_at_range_one(name):
     """For the range [-1, 1] the rewritten output steps exactly as diffusers' own ``thresholding=True``
     (sample_max_value 1) does inside the solver: same samples to float32 rounding."""
     import ddpmkit
-    from ddpmkit.assembly import build_sampler
+    from ddpmkit.run.assembly import build_sampler
 
     torch.manual_seed(0)
     weight = torch.randn(16, 16) * 1.5
@@ -282,7 +280,7 @@ def test_a_sampler_that_ignores_the_runs_clipping_warns_once():
     import warnings
 
     import ddpmkit
-    from ddpmkit.pipeline import Pipeline
+    from ddpmkit.run.pipeline import Pipeline
 
     class NoClip:
         @ddpmkit.hookimpl
@@ -305,7 +303,7 @@ def test_a_sampler_that_ignores_the_runs_clipping_warns_once():
     pipe = Pipeline(torch.nn.Conv2d(1, 1, 1), diffusion, 1, 4, config, torch.device("cpu"))
     pipe.model = lambda x, t: torch.zeros_like(x)
     pipe.model.training, pipe.model.eval, pipe.model.train = False, lambda: None, lambda mode: None
-    ddpmkit.pipeline._WARNED_CLIP.clear()  # once per process: forget earlier tests in this worker
+    ddpmkit.run.pipeline._WARNED_CLIP.clear()  # once per process: forget earlier tests in this worker
     with pytest.warns(UserWarning, match=r"sampler 'no-clip' ignores the run's clipping of x̂_0 to ±1 \(--clip\)"):
         pipe.sample(1, sampler="no-clip")
     with warnings.catch_warnings():

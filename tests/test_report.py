@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import small_run
 from PIL import Image, ImageStat
 
 from ddpmkit.cli import cli
@@ -17,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _run(runner, out, tiny_args, digit_cache, *extra):
-    args = [a for a in tiny_args if a not in ("--max-steps", "3")]  # whole epochs: a grid and an eval each
+    args = small_run(max_steps=None)  # whole epochs: a grid and an eval each
     r = runner.invoke(cli, ["run", "--out", str(out), *args, "--epochs", "2", "--grid-every", "1",
                             "--metric", "digit-score", "--eval-every", "1", "--eval-samples", "12",
                             "--sampler", "ddim", "--steps", "4", "--set", f"metric.cache_dir={digit_cache}", *extra])

@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 from PIL import Image
 from safetensors.torch import load_file
 
 import ddpmkit
 from ddpmkit.cli import cli
 
-TINY = ["--preset", "tiny", "--set", "dataset.limit=64", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=20",
-        "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
-        "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu"]
+TINY = small_run(max_steps=None, samples=2)
 
 
 def invoke(*args):
@@ -183,7 +181,7 @@ def test_ema_out_of_range_is_one_line(tmp_path, value):
 
 def test_no_file_gets_nan_in_its_json(tmp_path):
     with pytest.raises(ValueError):
-        ddpmkit.checkpoint.write_json(tmp_path / "x.json", {"v": math.nan})
+        ddpmkit.sdk.files.write_json(tmp_path / "x.json", {"v": math.nan})
     assert not (tmp_path / "x.json").exists()
 
 

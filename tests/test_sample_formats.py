@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import ddpmkit
-from ddpmkit.assembly import DataShape, build_diffusion, build_predictor
-from ddpmkit.checkpoint import save_model_file
 from ddpmkit.cli import cli
-from ddpmkit.config import config_to_dict
+from ddpmkit.run.assembly import DataShape, build_predictor
+from ddpmkit.run.model_file import save_model_file
+from ddpmkit.sdk.options import config_to_dict
 
 
 def random_run(path, channels: int, num_classes: int | None, classes=None):

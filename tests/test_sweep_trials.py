@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra (optuna) is not installed")
 
-from ddpmkit.cli import cli  # noqa: E402
 from test_sweep import space, sweep_here, trials_of, worker  # noqa: E402
+
+from ddpmkit.cli import cli  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def test_a_failed_trial_does_not_stop_the_sweep_and_a_poor_one_is_pruned(tmp_pat
     r = CliRunner().invoke(cli, ["sweep", "--show", "--study", "prune", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 0 and "1 complete, 1 fail, 1 pruned" in r.output, r.output
     # The completed trial's last evaluation is marked final: its value is the trial's, never a pruning point.
-    from ddpmkit.sweep import _evaluations
+    from ddpmkit.sweep.results import _evaluations
 
     log = tmp_path / "runs" / "prune" / "trial-0000" / "metrics.jsonl"
     evals = [json.loads(x) for x in log.read_text().splitlines() if '"eval"' in x]
@@ -101,7 +102,7 @@ def test_a_missing_metric_result_stops_the_sweep(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["sweep", "--space", str(sp), "--metric", "nll", "--objective", "nll_bits",
                                  "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "has no result 'nll_bits'" in r.stderr
-    from ddpmkit_plugins import nll
+    from ddpmkit_plugins.metrics import nll
 
     monkeypatch.delattr(nll.NLL, "directions")  # as a third-party metric that does not declare its results
     r = CliRunner().invoke(cli, ["sweep", "--space", str(sp), "--metric", "nll", "--runs-dir", str(tmp_path / "runs")])

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import small_run
 
 # pip-installs into the shared environment: run apart from the parallel workers (README's test command)
 pytestmark = pytest.mark.installs
@@ -33,10 +34,9 @@ def test_install_use_uninstall(installed, tmp_path):
     listed = json.loads(ddpmkit("plugins", "--json", cwd=tmp_path).stdout)
     row = next(r for r in listed if r["name"] == "geometric")
     assert row["version"] == "0.1.0" and row["components"] == {"schedule": ["geometric"]} and row["error"] is None
-    run = ddpmkit("run", "--preset", "tiny", "--schedule", "geometric", "--set", "schedule.timesteps=10", "--set", "dataset.limit=32",
-                  "--set", "dataset.resolution=16", "--set", "predictor.block_out_channels=8,16",
-                  "--set", "predictor.norm_num_groups=4", "--batch-size", "8", "--max-steps", "2", "--samples", "2",
-                  "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    run = ddpmkit("run", "--schedule", "geometric", *small_run(
+        {"schedule.timesteps": 10, "dataset.limit": 32, "predictor.layers_per_block": None,
+         "predictor.attention_resolutions": None}, batch_size=8, max_steps=2, samples=2, out=tmp_path / "run"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["components"]["schedule"]["plugin"] == "geometric" and cfg["components"]["schedule"]["version"] == "0.1.0"

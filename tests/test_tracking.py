@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from click.testing import CliRunner
+from conftest import small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
@@ -57,7 +58,7 @@ def test_a_run_logged_to_an_mlflow_server(mlflow_server, tmp_path, tiny_args):
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "run"
-    args = [a for a in tiny_args if a not in ("--max-steps", "3")]
+    args = small_run(max_steps=None)
     r = CliRunner().invoke(cli, ["run", "--out", str(run), *args, "--max-steps", "4", "--log-every", "1",
                                  "--logger", "jsonl", "--logger", "mlflow", "--lr", "0.0015",
                                  "--set", f"logger.tracking_uri={mlflow_server}", "--set", "logger.experiment=tiny"])

@@ -11,17 +11,15 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ddpmkit
 from ddpmkit.cli import cli
 
-BASE = ["--preset", "tiny", "--set", "dataset.limit=256", "--set", "dataset.resolution=16", "--set", "schedule.timesteps=30",
-        "--set", "predictor.block_out_channels=8,16", "--set", "predictor.norm_num_groups=4",
-        "--set", "predictor.layers_per_block=1", "--set", "predictor.attention_resolutions=8",
-        "--batch-size", "16", "--samples", "2", "--no-progress", "--device", "cpu", "--seed", "5",
-        "--ema", "0.9", "--warmup", "5", "--lr", "1e-3"]
+BASE = small_run({"dataset.limit": 256, "schedule.timesteps": 30}, max_steps=None, samples=2, seed=5, ema=0.9,
+                 warmup=5, lr="1e-3")
 
 
 def ddpmkit_cmd(*args):
@@ -67,7 +65,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     damaged = killed / "checkpoints" / f"step-{int(done[-1][5:13]) + 1:08d}.safetensors"
     damaged.write_bytes(last.read_bytes()[:1000])
     with pytest.warns(UserWarning, match="is damaged; using the one before it"):
-        assert ddpmkit.state.latest_checkpoint(killed / "checkpoints") == last
+        assert ddpmkit.run.train_state.latest_checkpoint(killed / "checkpoints") == last
     damaged.unlink()
     r = subprocess.run(ddpmkit_cmd("run", "--resume", str(killed), "--no-progress", "--device", "cpu"),
                        capture_output=True, text=True)
@@ -259,7 +257,7 @@ def test_checkpoint_every_n_epochs(tmp_path):
 
 
 def test_cuda_rng_states_come_back_in_device_order():
-    from ddpmkit.state import cuda_rng_states
+    from ddpmkit.run.train_state import cuda_rng_states
 
     tensors = {f"rng.cuda.{i}": torch.tensor([i]) for i in range(12)}
     tensors["rng.torch"] = torch.tensor([-1])

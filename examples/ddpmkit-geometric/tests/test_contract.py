@@ -1,8 +1,9 @@
 """The plugin's own tests: ddpmkit's contract for schedules, run on this schedule."""
 
+import ddpmkit_geometric
+
 import ddpmkit
 import ddpmkit.testing as contract
-import ddpmkit_geometric
 
 
 def test_geometric_contract():

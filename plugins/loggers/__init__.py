@@ -1,0 +1,1 @@
+"""Built-in loggers plugins, one per module."""

@@ -1,0 +1,1 @@
+"""Built-in losses plugins, one per module."""

@@ -1,0 +1,1 @@
+"""Built-in metrics plugins, one per module."""

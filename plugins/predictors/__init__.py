@@ -1,0 +1,1 @@
+"""Built-in predictors plugins, one per module."""

@@ -1,0 +1,1 @@
+"""Built-in timestep samplers plugins, one per module."""

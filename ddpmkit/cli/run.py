@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 @fast_options
 def run(**opts):
     """Train a noise predictor (Algorithm 1), save a checkpoint and a grid of samples (Algorithm 2)."""
-    from ddpmkit.run.trainer import resumed_config, train
+    from ddpmkit.run.trainer import resumed_config, run_job
 
     names, overrides, changes = _run_request(opts)
     resume_dir, progress = opts["resume_dir"], not opts["no_progress"]
@@ -131,9 +130,7 @@ def run(**opts):
         if opts["data_root"] is not None:
             overrides.setdefault("dataset", {})["data_root"] = opts["data_root"]
         config = resumed_config(resume_dir, names, overrides, changes)
-        t0 = time.perf_counter()
-        train(config, resume_dir, device=opts["device"], progress=progress, console=err_console, resume=True)
-        click.echo(f"Resumed and finished in {time.perf_counter() - t0:.0f} s. Run directory: {resume_dir}")
+        click.echo(run_job(config, resume_dir, resume=True, device=opts["device"], progress=progress, console=err_console))
         return
     from ddpmkit.run.config import load_config_file
     from ddpmkit.run.presets import resolve_run_config
@@ -143,8 +140,7 @@ def run(**opts):
     base = load_config_file(opts["config_file"]) if opts["config_file"] else None
     config = resolve_run_config(opts["preset"], names, overrides, changes, opts["data_root"], base=base)
     run_dir = Path(opts["out_dir"]) if opts["out_dir"] else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    t0 = time.perf_counter()
-    train(config, run_dir, device=opts["device"], progress=progress, console=err_console, overwrite=opts["overwrite"])
-    click.echo(f"Trained in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}")
+    click.echo(run_job(config, run_dir, device=opts["device"], progress=progress, console=err_console,
+                       overwrite=opts["overwrite"]))
     click.echo(f"  checkpoint: {run_dir / 'model.safetensors'}")
     click.echo(f"  samples:    {run_dir / 'samples.png'}")

@@ -80,7 +80,7 @@ def sweep(space_file, metric, objective, direction, trials, study, storage, runs
                            nproc_per_trial=nproc_per_trial, heartbeat=heartbeat,
                            # the ddpmkit command runs nothing with torch before its trials: it can fork them itself
                            start_method="fork" if _common.COMMAND else "forkserver")
-    changes, overrides = sw.trial_user_options(opts, 0, None)
+    changes, overrides = sw.trial_user_options(opts, 0)
     opts.space = sw.load_space(space_file, changes, overrides)
     worker = sw.Worker(opts, console=err_console)
     from ddpmkit.run.presets import preset_config

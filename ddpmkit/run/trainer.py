@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -248,7 +249,7 @@ def resumed_config(run_dir: str | os.PathLike, names: dict[str, str] | None = No
 # ---------------------------------------------------------------------------
 def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.device | None = None,
           progress: bool = True, console: Console | None = None, sample_grid: bool = True,
-          resume: bool = False, overwrite: bool = False) -> Pipeline:
+          resume: bool = False, overwrite: bool = False, on_log: Callable[[dict], None] | None = None) -> Pipeline:
     """Train ε_θ with Algorithm 1 and write a run directory; returns the trained :class:`Pipeline`.
 
     Args:
@@ -259,6 +260,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
             uses ``cuda:LOCAL_RANK`` (or the CPU with the gloo backend).
         progress: show a rich progress bar (epoch, step, loss, images/s, ETA).
         sample_grid: after training, draw ``config.num_samples`` images and save ``samples.png``.
+        on_log: called (rank 0) with every record the loggers get — ``{"step", "epoch", "loss", ...}``
+            and ``{"step", "eval": {result: value}, "final"?}`` — after them; an exception it raises
+            stops the run (``ddpmkit sweep`` reports evaluations to Optuna and prunes this way).
         resume: continue from the newest checkpoint in ``run_dir/checkpoints``; ``config`` must
             agree with the configuration stored in it (only :data:`RESUME_MAY_CHANGE` may differ).
         overwrite: remove an earlier run's files (``ddpmkit.run.rundir.RUN_FILES``) from ``run_dir``
@@ -284,7 +288,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
             if not resume:
                 check_new_run_dir(run_dir, overwrite)
         with tf32_mode(fast.tf32):
-            trainer = Trainer(config, run_dir, dev, fast, dist, progress=progress, console=console)
+            trainer = Trainer(config, run_dir, dev, fast, dist, progress=progress, console=console, on_log=on_log)
             if resume:
                 trainer.resume()
             elif overwrite and dist.main:
@@ -296,6 +300,19 @@ def train(config: RunConfig, run_dir: str | os.PathLike, device: str | torch.dev
         if created and dist.main and (trainer is None or not trainer.started):  # failed before it began
             shutil.rmtree(run_dir, ignore_errors=True)
         dist.stop()
+
+
+def run_job(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, device: str = "auto",
+            progress: bool = True, console: Console | None = None, overwrite: bool = False,
+            on_log: Callable[[dict], None] | None = None) -> str:
+    """What ``ddpmkit run`` (and each sweep trial) does once its configuration is resolved: train a new
+    run, or continue ``run_dir`` (``resume``), and return the line it prints: ``Trained in N s. Run
+    directory: DIR`` (``Resumed and finished in N s. ...``). Arguments as :func:`train`."""
+    t0 = time.perf_counter()
+    train(config, run_dir, device=device, progress=progress, console=console, resume=resume,
+          overwrite=overwrite, on_log=on_log)
+    done = "Resumed and finished" if resume else "Trained"
+    return f"{done} in {time.perf_counter() - t0:.0f} s. Run directory: {run_dir}"
 
 
 @attrs.frozen
@@ -347,9 +364,11 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, run_dir: str | os.PathLike, device: torch.device, fast: FastPath,
-                 dist: Dist, progress: bool = True, console: Console | None = None):
+                 dist: Dist, progress: bool = True, console: Console | None = None,
+                 on_log: Callable[[dict], None] | None = None):
         self.config, self.run_dir, self.dev, self.fast, self.dist = config, Path(run_dir), device, fast, dist
         self.progress, self.console = progress and dist.main, console
+        self.on_log = on_log if dist.main else None
         self.parts = assemble(config)
         self.plan = plan_training(config, len(self.parts.dataset), dist.world)
         self.model = self.parts.model.to(device).train()
@@ -483,6 +502,8 @@ class Trainer:
     def log(self, record: dict) -> None:
         for logger in self.loggers:
             logger.log(record)
+        if self.on_log is not None:
+            self.on_log(record)
 
     def check_finite(self, value: torch.Tensor | None = None) -> float | None:
         """``value`` as a float (one host sync); stops the run if any loss so far was not finite."""

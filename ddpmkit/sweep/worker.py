@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import shutil
@@ -16,8 +17,8 @@ import attrs
 
 from ddpmkit.errors import DdpmkitError, Interrupted
 from ddpmkit.run.signals import on_stop_signals
-from ddpmkit.sweep.launch import _Forked, _start, _stop_run
-from ddpmkit.sweep.results import _evaluations, _fmt, _last_error, _read_json, _short, _write_json
+from ddpmkit.sweep.launch import PRUNED_EXIT, TrialSpec, _Forked, _start, _stop_run
+from ddpmkit.sweep.results import _fmt, _last_error, _read_json, _short, _write_json
 from ddpmkit.sweep.space import Space, trial_config
 from ddpmkit.sweep.study import (
     RETRY_OF,
@@ -67,35 +68,11 @@ def _trial_dir(opts: SweepOptions, number: int) -> Path:
     return _study_dir(opts) / f"trial-{number:04d}"
 
 
-def _mlflow_parent(opts: SweepOptions, study) -> str | None:
-    """The MLflow run the trials nest under: made by the worker that creates the study, found by the others."""
-    if "mlflow" not in opts.loggers:
-        return None
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
-        return run_id
-    try:
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        raise DdpmkitError("--logger mlflow needs MLflow: pip install 'ddpmkit[mlflow]'") from None
-    lopts = opts.overrides.get("logger", {})
-    client = MlflowClient(tracking_uri=lopts.get("tracking_uri"))
-    exp_name = lopts.get("experiment", "ddpmkit")
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
-    found = client.search_runs([exp_id], f"tags.`ddpmkit.study` = '{opts.study}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = client.create_run(exp_id, run_name=opts.study, tags={"ddpmkit.study": opts.study}).info.run_id
-        client.log_param(run_id, "metric", f"{opts.metric}:{opts.objective}")
-        client.log_param(run_id, "direction", opts.direction)
-    study.set_user_attr("mlflow_parent_run_id", run_id)
-    return run_id
-
-
-def trial_user_options(opts: SweepOptions, number: int, parent_run: str | None) -> tuple[dict, dict]:
-    """RunConfig changes and component overrides every trial gets from the sweep's own flags."""
+def trial_user_options(opts: SweepOptions, number: int) -> tuple[dict, dict]:
+    """RunConfig changes and component overrides every trial gets from the sweep's own flags. With
+    ``--logger mlflow`` the trial's MLflow run nests, through the plugin's own options, under one run
+    of the study (tagged ``ddpmkit.study``), which also gets the trial's value as ``trial/KEY`` at
+    step = the trial's number."""
     changes: dict[str, Any] = {"metrics": (opts.metric,)}
     if opts.eval_every is not None:
         changes["eval_every"] = opts.eval_every
@@ -103,10 +80,32 @@ def trial_user_options(opts: SweepOptions, number: int, parent_run: str | None) 
         changes["eval_samples"] = opts.eval_samples
     overrides = {k: dict(v) for k, v in opts.overrides.items()}
     if opts.loggers:
-        changes["loggers"] = tuple(dict.fromkeys(("jsonl",) + tuple(opts.loggers)))
-    if parent_run:
-        overrides.setdefault("logger", {}).update({"parent_run_id": parent_run, "run_name": f"trial-{number:04d}"})
+        changes["loggers"] = tuple(opts.loggers)
+    if "mlflow" in opts.loggers:
+        overrides.setdefault("logger", {}).update({
+            "run_name": f"trial-{number:04d}", "parent_tag": f"ddpmkit.study={opts.study}",
+            "parent_metric": opts.objective, "parent_step": str(number)})
     return changes, overrides
+
+
+class TrialState(enum.Enum):
+    """How a trial ended (``trial.json``'s ``state``)."""
+
+    COMPLETE = "complete"  # its final evaluation gave the objective: told to the study
+    PRUNED = "pruned"  # the pruner stopped it
+    STOPPED = "stopped"  # this worker was asked to stop: queued again, resumes from its checkpoint
+    FAILED = "failed"  # its run failed, or gave a non-finite value
+    MISSING = "missing"  # the metric gave no such result: the sweep stops (the study is misconfigured)
+
+
+@attrs.frozen
+class TrialOutcome:
+    """A trial's end: its state, value (complete trials), the step it was pruned at, and a note."""
+
+    state: TrialState
+    value: float | None = None
+    pruned_at: int | None = None
+    note: str | None = None
 
 
 class Worker:
@@ -118,7 +117,6 @@ class Worker:
         self.storage_url = opts.storage or default_storage(opts.runs_dir, opts.study)
         self.storage = open_storage(self.storage_url, opts.heartbeat)
         self.study = self._study()
-        self.parent_run = _mlflow_parent(opts, self.study)
         self.stop_signal: int | None = None
         self.child: subprocess.Popen | _Forked | None = None
 
@@ -198,7 +196,7 @@ class Worker:
         self._current_dir = run_dir
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         retry_of = trial.user_attrs.get(RETRY_OF)
-        changes, overrides = trial_user_options(o, number, self.parent_run)
+        changes, overrides = trial_user_options(o, number)
         try:
             config = trial_config(o.space.preset, values, changes, overrides)
         except DdpmkitError:  # a combination the corners of the space did not show: fail it, say why
@@ -213,17 +211,18 @@ class Worker:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             shutil.copytree(old_dir, run_dir, ignore=shutil.ignore_patterns(".ddpmkit.lock", "trial.json", "tb"))
-            spec = {"resume": True, "config": None, "run_dir": str(run_dir), "device": o.device}
-            resumed_from = str(old_dir)
+            cfg_path, resumed_from = None, str(old_dir)
         else:
             cfg_path = _study_dir(o) / "configs" / f"trial-{number:04d}.json"
             _write_json(cfg_path, config.to_dict())
-            spec = {"resume": False, "config": str(cfg_path), "run_dir": str(run_dir), "device": o.device}
+        spec = TrialSpec(str(run_dir), o.device, None if cfg_path is None else str(cfg_path), self.storage_url, o.study,
+                         number, o.objective, o.pruner, o.prune_after)
         shown = ", ".join(f"{p.name}={_fmt(values[p.name])}" for p in o.space.searched)
         self.say(f"trial {number}: {shown}" + (f" (resumes trial {retry_of})" if resumed_from else ""))
         t0 = time.time()
-        state, value, pruned_at, note = self._watch(trial, spec, run_dir, log_path)
-        record = {"study": o.study, "number": number, "params": values, "state": state, "value": value,
+        outcome = self._watch(trial, spec, run_dir, log_path)
+        state, value, pruned_at, note = outcome.state, outcome.value, outcome.pruned_at, outcome.note
+        record = {"study": o.study, "number": number, "params": values, "state": state.value, "value": value,
                   "objective": f"{o.metric}:{o.objective}", "direction": o.direction,
                   "seconds": round(time.time() - t0, 1), "log": str(log_path), "resumed_from": resumed_from}
         if pruned_at is not None:
@@ -232,74 +231,61 @@ class Worker:
             record["note"] = note
         if run_dir.is_dir():
             _write_json(run_dir / "trial.json", record)
-        if state == "complete":
+        if state is TrialState.COMPLETE:
             self.study.tell(trial, value)
             self.say(f"trial {number}: {o.objective} = {value:.6g} ({record['seconds']:.0f} s)")
-        elif state == "pruned":
+        elif state is TrialState.PRUNED:
             self.study.tell(trial, state=TS.PRUNED)
             self.say(f"trial {number}: pruned at step {pruned_at} ({note})")
-        elif state == "stopped":  # this worker was asked to stop: the trial goes back in the queue
+        elif state is TrialState.STOPPED:  # this worker was asked to stop: the trial goes back in the queue
             self.study.tell(trial, state=TS.FAIL)
             requeue(self.study, self.study.get_trials(deepcopy=False)[number])
             self.say(f"trial {number}: stopped; it is queued again and will resume from its checkpoint")
         else:
             self.study.tell(trial, state=TS.FAIL)
             self.say(f"trial {number}: failed ({note})")
-        if self.parent_run and value is not None:
-            _mlflow_log_trial(self.opts, self.parent_run, number, value)
-        if state == "missing":
+        if state is TrialState.MISSING:
             raise DdpmkitError(note)
-        return state
+        return state.value
 
-    def _watch(self, trial, spec: dict, run_dir: Path, log_path: Path):
-        """Run the trial's process; report each evaluation; prune; heartbeat. → (state, value, step, note)."""
-        o = self.opts
-        key = o.objective
+    def _watch(self, trial, spec: TrialSpec, run_dir: Path, log_path: Path) -> TrialOutcome:
+        """Run the trial's process (which reports its evaluations and prunes itself, see
+        :class:`~ddpmkit.sweep.launch.TrialReporter`), heartbeating the trial while it runs."""
+        o, key = self.opts, self.opts.objective
         study_id = self.storage.get_study_id_from_name(o.study)
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        reported: dict[int, float] = {}  # step → value told to Optuna
-        pruned_at = None
         last_beat = 0.0
         with open(log_path, "ab") as log:
             self.child = _start(spec, o.nproc_per_trial, log, o.start_method)
             try:
-                while True:
-                    rc = self.child.poll()
-                    now = time.time()
-                    if o.heartbeat and now - last_beat >= o.heartbeat / 2:
+                while (rc := self.child.poll()) is None:
+                    if o.heartbeat and time.time() - last_beat >= o.heartbeat / 2:
                         self.storage.record_heartbeat(trial_id)
-                        last_beat = now
-                    for step, value in _evaluations(run_dir / "metrics.jsonl", key):
-                        if step in reported or pruned_at is not None:
-                            continue
-                        reported[step] = value
-                        trial.report(value, step)
-                        if trial.should_prune():
-                            pruned_at = step
-                            _stop_run(self.child, run_dir)
-                    if rc is not None:
-                        break
-                    time.sleep(0.5)
+                        last_beat = time.time()
+                    time.sleep(0.2)
             finally:
                 if self.child.poll() is None:  # an exception here: do not leave the run behind
                     _stop_run(self.child, run_dir)
                     self.child.wait()
                 rc, self.child = self.child.returncode, None
-        if pruned_at is not None:
-            value = reported[pruned_at]
-            return "pruned", None, pruned_at, f"{key} = {value:.6g} at step {pruned_at}: pruned by the {o.pruner} pruner"
+        if rc == PRUNED_EXIT:
+            frozen = self.storage.get_trial(trial_id)
+            step = int(frozen.user_attrs["pruned_at_step"])
+            value = frozen.intermediate_values[step]
+            return TrialOutcome(TrialState.PRUNED, None, step,
+                                f"{key} = {value:.6g} at step {step}: pruned by the {o.pruner} pruner")
         if self.stop_signal is not None and rc != 0:
-            return "stopped", None, None, f"signal {self.stop_signal}"
+            return TrialOutcome(TrialState.STOPPED, note=f"signal {self.stop_signal}")
         if rc != 0:
-            return "failed", None, None, _last_error(log_path, rc)
+            return TrialOutcome(TrialState.FAILED, note=_last_error(log_path, rc))
         results = _read_json(run_dir / "eval.json").get("results", {})
         if key not in results:
-            return ("missing", None, None, f"metric '{o.metric}' gave no '{key}' in {run_dir / 'eval.json'}; "
-                    f"it gave: {', '.join(results) or '(nothing)'}")
+            return TrialOutcome(TrialState.MISSING, note=f"metric '{o.metric}' gave no '{key}' in "
+                                f"{run_dir / 'eval.json'}; it gave: {', '.join(results) or '(nothing)'}")
         value = float(results[key])
         if not math.isfinite(value):
-            return "failed", None, None, f"{key} is {value}"
-        return "complete", value, None, None
+            return TrialOutcome(TrialState.FAILED, note=f"{key} is {value}")
+        return TrialOutcome(TrialState.COMPLETE, value)
 
 
 class SweepStopped(Interrupted):
@@ -308,10 +294,3 @@ class SweepStopped(Interrupted):
     def __init__(self, signum: int):
         super().__init__(f"{signal.Signals(signum).name}: the sweep stopped; the trial it was running is queued again "
                          "and resumes from its checkpoint. Run the same command to continue.", signum)
-
-
-def _mlflow_log_trial(opts: SweepOptions, run_id: str, number: int, value: float) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=opts.overrides.get("logger", {}).get("tracking_uri"))
-    client.log_metric(run_id, f"trial/{opts.objective}", value, step=number)

@@ -133,7 +133,7 @@ def _start(spec: TrialSpec, nproc: int, log, start_method: str = "forkserver"):
     fork safely). Either fork has torch and diffusers imported already: a trial starts in well under a
     second. Each trial stops (checkpoint, exit) when its worker is gone, even killed by SIGKILL."""
     if nproc > 1 or not sys.platform.startswith("linux"):
-        args = ["-m", "ddpmkit.sweep.launch", str(_spec_file(spec, Path(log.name)))]
+        args = ["-m", "ddpmkit.sweep", str(_spec_file(spec, Path(log.name)))]
         cmd = [sys.executable, *args]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
@@ -226,10 +226,6 @@ def _stop_run(child: subprocess.Popen, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ddpmkit.sweep.launch SPEC.json``: one trial process (each rank under torchrun)."""
+    """``python -m ddpmkit.sweep SPEC.json``: one trial process (each rank under torchrun)."""
     path = (argv if argv is not None else sys.argv[1:])[0]
     sys.exit(run_trial(TrialSpec(**json.loads(Path(path).read_text()))))
-
-
-if __name__ == "__main__":
-    main()

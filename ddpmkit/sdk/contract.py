@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddpmkit.errors import DdpmkitError
+
+if TYPE_CHECKING:  # annotations only: the registry imports nothing of the contract
+    from ddpmkit.sdk.registry import Component
 
 
 class ContractError(DdpmkitError, AssertionError):
     """A component broke the plugin contract."""
 
 
-def _label(comp) -> str:
+def _label(comp: Component) -> str:
     return comp.label() if hasattr(comp, "label") else str(comp)
 
 
-def fail(comp, returned: str, expected: str) -> None:
+def fail(comp: Component, returned: str, expected: str) -> None:
     raise ContractError(f"{_label(comp)} returned {returned}; expected {expected}")
 
 
@@ -42,7 +45,7 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def check_betas(comp, betas: Any, timesteps: int | None = None) -> torch.Tensor:
+def check_betas(comp: Component, betas: Any, timesteps: int | None = None) -> torch.Tensor:
     """Betas: a float64 tensor ``(T,)``, T = ``timesteps`` when the config has it, 0 < β < 1, ᾱ decreasing."""
     if not isinstance(betas, torch.Tensor) or betas.ndim != 1 or betas.numel() < 1:
         fail(comp, describe(betas), "betas as a tensor of shape (T,) with T >= 1")
@@ -68,7 +71,7 @@ def predictor_conditions(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(getattr(model, "conditions", ()))
 
 
-def check_predictor_module(comp, model: Any) -> torch.nn.Module:
+def check_predictor_module(comp: Component, model: Any) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         fail(comp, describe(model), "a torch.nn.Module")
     outputs = predictor_outputs(model)
@@ -77,7 +80,8 @@ def check_predictor_module(comp, model: Any) -> torch.nn.Module:
     return model
 
 
-def check_predictor_output(comp, out: Any, x: torch.Tensor, outputs: tuple[str, ...] = ("prediction",)) -> torch.Tensor:
+def check_predictor_output(comp: Component, out: Any, x: torch.Tensor,
+                           outputs: tuple[str, ...] = ("prediction",)) -> torch.Tensor:
     """The network's answer: a tensor in x_t's dtype, ``(B, k·C, H, W)`` with k outputs, finite."""
     b, c, h, w = x.shape
     want = (b, c * len(outputs), h, w)
@@ -94,7 +98,7 @@ def check_predictor_output(comp, out: Any, x: torch.Tensor, outputs: tuple[str, 
     return out
 
 
-def check_dataset_item(comp, item: Any, index: int) -> tuple[torch.Tensor, int | None]:
+def check_dataset_item(comp: Component, item: Any, index: int) -> tuple[torch.Tensor, int | None]:
     """An item: a float32 ``(C, H, W)`` tensor in [-1, 1], square, C in {1, 3}, or ``(image, int label)``."""
     label = None
     if isinstance(item, (tuple, list)):
@@ -124,7 +128,7 @@ def check_dataset_item(comp, item: Any, index: int) -> tuple[torch.Tensor, int |
     return x, label
 
 
-def dataset_num_classes(dataset) -> int | None:
+def dataset_num_classes(dataset: Any) -> int | None:
     """``num_classes`` of a dataset, else ``len(classes)``, else ``None``."""
     n = getattr(dataset, "num_classes", None)
     if n is None and getattr(dataset, "classes", None) is not None:
@@ -132,7 +136,7 @@ def dataset_num_classes(dataset) -> int | None:
     return None if n is None else int(n)
 
 
-def check_dataset(comp, dataset: Any) -> tuple[int, int, bool]:
+def check_dataset(comp: Component, dataset: Any) -> tuple[int, int, bool]:
     """First, middle and last items kept; all of one shape. Returns (channels, resolution, labelled)."""
     try:
         n = len(dataset)
@@ -151,7 +155,7 @@ def check_dataset(comp, dataset: Any) -> tuple[int, int, bool]:
     return c, r, labelled == {True}
 
 
-def check_loss_value(comp, value: Any, batch: int, reduction: str = "mean") -> torch.Tensor:
+def check_loss_value(comp: Component, value: Any, batch: int, reduction: str = "mean") -> torch.Tensor:
     """``reduction="mean"``: a finite scalar tensor that carries a gradient; ``"none"``: first axis B."""
     if reduction == "mean":
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
@@ -164,7 +168,7 @@ def check_loss_value(comp, value: Any, batch: int, reduction: str = "mean") -> t
     return value
 
 
-def check_sampler_object(comp, sampler: Any) -> Any:
+def check_sampler_object(comp: Component, sampler: Any) -> Any:
     steps = getattr(sampler, "num_steps", None)
     if not isinstance(steps, int) or not 1 <= steps:
         fail(comp, f"a sampler with num_steps = {steps!r}", "an int num_steps >= 1")
@@ -173,7 +177,7 @@ def check_sampler_object(comp, sampler: Any) -> Any:
     return sampler
 
 
-def check_samples(comp, out: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def check_samples(comp: Component, out: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
         fail(comp, describe(out), f"x_0 as a {str(dtype).replace('torch.', '')} tensor of shape {tuple(shape)}")
     if not bool(torch.isfinite(out).all()):
@@ -181,7 +185,7 @@ def check_samples(comp, out: Any, shape: tuple[int, ...], dtype: torch.dtype = t
     return out
 
 
-def check_timesteps(comp, answer: Any, batch: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_timesteps(comp: Component, answer: Any, batch: int, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(t, weights)``: t long ``(batch,)`` in [0, T); weights ``(batch,)`` finite and >= 0, or None."""
     if not isinstance(answer, (tuple, list)) or len(answer) != 2:
         fail(comp, describe(answer), "a pair (t, weights)")
@@ -196,7 +200,7 @@ def check_timesteps(comp, answer: Any, batch: int, num_timesteps: int) -> tuple[
     return t, w
 
 
-def check_metric_result(comp, result: Any) -> dict[str, float]:
+def check_metric_result(comp: Component, result: Any) -> dict[str, float]:
     """A non-empty dict of str → finite float (ints and 0-d tensors are refused: results go to JSON)."""
     if not isinstance(result, dict) or not result:
         fail(comp, describe(result), "a non-empty dict of name → float")
@@ -208,7 +212,7 @@ def check_metric_result(comp, result: Any) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()}
 
 
-def check_logger(comp, logger: Any) -> Any:
+def check_logger(comp: Component, logger: Any) -> Any:
     missing = [m for m in ("log", "flush", "close") if not callable(getattr(logger, m, None))]
     if missing:
         fail(comp, f"{describe(logger)} without {', '.join(missing)}", "an object with log(record), flush() and close()")

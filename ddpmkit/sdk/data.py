@@ -17,13 +17,16 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 
 from ddpmkit.errors import DdpmkitError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -53,7 +56,7 @@ def folder_fingerprint(path: str | os.PathLike) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _opt_ge1(inst, attribute, value):
+def _opt_ge1(inst: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{attribute.name} must be >= 1, got {value}")
 
@@ -227,7 +230,7 @@ class FileImageDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def wide_gray_to_unit(img, path) -> torch.Tensor:
+def wide_gray_to_unit(img: Image.Image, path: str | os.PathLike) -> torch.Tensor:
     """A 16-bit (``I;16*``, or ``I`` holding 16-bit values) or 32-bit float (``F``) grayscale image as
     ``(1, H, W)`` in [0, 1], scaled by its bit depth (Pillow's own conversion to 8 bits clips at 255,
     which turns a 16-bit image white). Float images must already lie in [0, 1]."""

@@ -37,7 +37,7 @@ class MetricContext:
 _takes = takes_keyword
 
 
-def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar=None,
+def evaluate_images(images: torch.Tensor, metrics: dict[str, Any], bar: Any = None,
                     context: MetricContext | None = None) -> dict[str, float]:
     """Run every metric on ``images`` (N, C, H, W) in [-1, 1] in inference mode; one flat dict of floats.
 

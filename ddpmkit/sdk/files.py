@@ -51,7 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    def write(tmp):
+    def write(tmp: str) -> None:
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
             fh.write("\n")

@@ -26,14 +26,19 @@ group ``ddpmkit``. Every component is probed once when a run starts
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pluggy
+
+#: The callback every hook receives: ``register(name, factory, config_class=None, description="")``.
+Register = Callable[..., None]
 
 hookspec = pluggy.HookspecMarker("ddpmkit")
 hookimpl = pluggy.HookimplMarker("ddpmkit")
 
 
 @hookspec
-def register_schedules(register):
+def register_schedules(register: Register) -> None:
     """Register noise schedules.
 
     ``factory(config) -> torch.Tensor``: the betas β_1..β_T, shape ``(T,)``,
@@ -42,7 +47,7 @@ def register_schedules(register):
 
 
 @hookspec
-def register_predictors(register):
+def register_predictors(register: Register) -> None:
     """Register noise predictors ε_θ.
 
     ``factory(config, *, channels: int, resolution: int, num_classes: int | None) -> torch.nn.Module``
@@ -64,7 +69,7 @@ def register_predictors(register):
 
 
 @hookspec
-def register_losses(register):
+def register_losses(register: Register) -> None:
     """Register training losses.
 
     ``factory(config) -> callable(prediction, target, reduction="mean") -> tensor``: a scalar
@@ -77,7 +82,7 @@ def register_losses(register):
 
 
 @hookspec
-def register_datasets(register):
+def register_datasets(register: Register) -> None:
     """Register datasets.
 
     ``factory(config) -> torch.utils.data.Dataset`` whose items are float32 tensors ``(C, H, W)``
@@ -91,7 +96,7 @@ def register_datasets(register):
 
 
 @hookspec
-def register_metrics(register):
+def register_metrics(register: Register) -> None:
     """Register metrics.
 
     ``factory(config, *, device) -> callable(images) -> dict[str, float]`` where
@@ -111,7 +116,7 @@ def register_metrics(register):
 
 
 @hookspec
-def register_samplers(register):
+def register_samplers(register: Register) -> None:
     """Register samplers (reverse processes).
 
     ``factory(config, *, diffusion) -> sampler`` where ``diffusion`` is the trained model's
@@ -126,7 +131,7 @@ def register_samplers(register):
 
 
 @hookspec
-def register_timestep_samplers(register):
+def register_timestep_samplers(register: Register) -> None:
     """Register timestep samplers: how Algorithm 1 draws t.
 
     ``factory(config, *, num_timesteps) -> sampler`` with ``sample(batch, device, generator)``
@@ -138,7 +143,7 @@ def register_timestep_samplers(register):
 
 
 @hookspec
-def register_loggers(register):
+def register_loggers(register: Register) -> None:
     """Register loggers: where training results go.
 
     ``factory(config, *, run_dir, run_config, resume_step) -> logger | None`` with

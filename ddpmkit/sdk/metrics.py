@@ -26,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import numpy as np
@@ -172,7 +173,7 @@ def file_digest(path: str | os.PathLike | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path, what: str) -> None:
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
     own = model.state_dict()
     bad = [k for k in own if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
     if bad:
@@ -305,7 +306,7 @@ class InceptionOptions:
     pretrained: bool = True
     batch_size: int = attrs.field(default=64, validator=attrs.validators.ge(1))
 
-    def backbone(self, device) -> torch.nn.Module:
+    def backbone(self, device: torch.device | str) -> torch.nn.Module:
         """The InceptionV3 these options describe, in eval mode on ``device``."""
         return make_backbone(self.protocol, self.weights, self.pretrained).to(device).eval()
 
@@ -339,7 +340,7 @@ class InceptionMetric:
     """Base of metric plugins built on an InceptionV3: holds the options (an
     :class:`InceptionOptions`), the device and the backbone, and runs it over checked images."""
 
-    def __init__(self, config: InceptionOptions, *, device=None):
+    def __init__(self, config: InceptionOptions, *, device: torch.device | str | None = None) -> None:
         self.config = config
         self.device = torch.device(device or "cpu")
         self.backbone = config.backbone(self.device)
@@ -517,7 +518,7 @@ def split_options(name: str, options: dict, resolution: int, split: str = "test"
     return opts, "split" in fields
 
 
-def random_subset(dataset, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def random_subset(dataset: Any, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A fixed random subset of up to ``count`` items, in dataset order (only those items are read):
     images (N, C, H, W) and integer labels (N,), or ``None`` for a dataset without labels."""
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
@@ -527,7 +528,7 @@ def random_subset(dataset, count: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return images, (torch.tensor([int(it[1]) for it in items]) if labelled else None)
 
 
-def dataset_images(dataset, limit: int | None = None) -> torch.Tensor:
+def dataset_images(dataset: Any, limit: int | None = None) -> torch.Tensor:
     """The images of a dataset plugin's dataset (labels dropped), stacked: (N, C, H, W)."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     return torch.stack([item_image(dataset[i]) for i in range(n)])
@@ -557,7 +558,7 @@ class FeatureMetric:
     ``feature_space`` names the space once resolved (it is written beside the results).
     """
 
-    def __init__(self, config: FeatureOptions, *, device=None):
+    def __init__(self, config: FeatureOptions, *, device: torch.device | str | None = None) -> None:
         self.config = config
         self.device = torch.device(device or "cpu")
         self._extractor = None
@@ -569,7 +570,7 @@ class FeatureMetric:
             name = "inception" if self.config.weights or channels == 3 else "digit-score"
         return name
 
-    def extractor(self, channels: int):
+    def extractor(self, channels: int) -> tuple[str, Callable[..., torch.Tensor]]:
         """(space name, callable images → (N, D) features)."""
         if self._extractor is None:
             name = self._resolve(channels)
@@ -592,7 +593,7 @@ class FeatureMetric:
             self._extractor = (name, fn)
         return self._extractor
 
-    def features(self, images: torch.Tensor, progress=None, min_count: int = 2,
+    def features(self, images: torch.Tensor, progress: Callable[[int], None] | None = None, min_count: int = 2,
                  what: str = "images") -> torch.Tensor:
         """Features (N, D) float32 of checked ``images``; the same images asked twice in a row by
         metrics of the same space (one ``evaluate`` with several metrics) are computed once."""

@@ -60,7 +60,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def config_fields(cls) -> dict[str, Any]:
+def config_fields(cls: type) -> dict[str, Any]:
     """``{option name: declared type}`` of an attrs class or a dataclass (init fields only)."""
     if attrs.has(cls):
         attrs.resolve_types(cls)
@@ -69,7 +69,7 @@ def config_fields(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
-def config_defaults_missing(cls) -> list[str]:
+def config_defaults_missing(cls: type) -> list[str]:
     """Options of ``cls`` that have no default (a config must build from no options)."""
     if attrs.has(cls):
         return [f.name for f in attrs.fields(cls) if f.init and f.default is attrs.NOTHING]
@@ -77,7 +77,7 @@ def config_defaults_missing(cls) -> list[str]:
             if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
-def build_config(component, options: dict[str, Any]):
+def build_config(component: Any, options: dict[str, Any]) -> Any:
     """Instantiate ``component.config_class`` from ``options``; bad keys/values → DdpmkitError."""
     cls = component.config_class
     label = f"{component.kind} '{component.name}'"
@@ -99,7 +99,7 @@ def build_config(component, options: dict[str, Any]):
         raise DdpmkitError(f"invalid option for {label}: {exc}") from None
 
 
-def config_to_dict(config) -> dict[str, Any]:
+def config_to_dict(config: Any) -> dict[str, Any]:
     """An attrs or dataclass config as JSON-ready data (tuples become lists)."""
     if config is None:
         return {}

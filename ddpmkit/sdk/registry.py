@@ -61,11 +61,11 @@ class Component:
     version: str | None
     dist: str | None = None
 
-    def build_config(self, options: dict[str, Any] | None = None):
+    def build_config(self, options: dict[str, Any] | None = None) -> Any:
         """This component's config (attrs class or dataclass) from ``options``, validated."""
         return build_config(self, options or {})
 
-    def build(self, options: dict[str, Any] | None = None, *, config: Any = None, **context):
+    def build(self, options: dict[str, Any] | None = None, *, config: Any = None, **context: Any) -> Any:
         """``factory(config, **context)``: ``config`` as given, else built from ``options``. The factory
         gets the context keywords it names; a component without a config class gets no config."""
         if config is None:
@@ -94,7 +94,7 @@ class PluginInfo:
         return f"pip uninstall {self.dist}" if self.dist else f"unregister the in-process plugin '{self.name}'"
 
 
-def _config_kind(cls) -> str | None:
+def _config_kind(cls: type) -> str | None:
     """'attrs', 'dataclass' or None (not a config class ddpmkit can read)."""
     if cls is None:
         return "none"
@@ -206,8 +206,9 @@ class PluginManager:
                 owner = info.name if info else impl.plugin_name
                 mine: list[Component] = []
 
-                def register(name, factory, config_class=None, description="", *, _k=kind.name, _i=info, _o=owner,
-                             _mine=mine):
+                def register(name: str, factory: Callable[..., Any], config_class: type | None = None,
+                             description: str = "", *, _k=kind.name, _i=info, _o=owner,  # noqa: ANN001
+                             _mine=mine) -> None:  # noqa: ANN001  (the loop's values, bound)
                     if not isinstance(name, str) or not name:
                         return self._drop(_i, _o, f"registered a {_k} with an invalid name {name!r}")
                     if _config_kind(config_class) is None:
@@ -295,7 +296,7 @@ def available(kind: str) -> list[str]:
     return get_manager().names(kind)
 
 
-def build(kind: str, name: str, options: dict[str, Any] | None = None, **context):
+def build(kind: str, name: str, options: dict[str, Any] | None = None, **context: Any) -> Any:
     """Build a component by kind and name: ``build("schedule", "linear", {"timesteps": 300})``."""
     return get_component(kind, name).build(options, **context)
 

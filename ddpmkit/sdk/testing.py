@@ -99,7 +99,7 @@ def check_predictor(name: str, channels: int = 1, resolution: int = 16, num_clas
     return model
 
 
-def check_loss(name: str, **options):
+def check_loss(name: str, **options: Any) -> Any:
     """Scalar, zero when prediction == target, positive otherwise, differentiable; reduction='none'
     (first axis B) if offered. A loss that takes ``context`` gets one from a small diffusion with a
     learned variance (``ModelOutput(prediction, variance)``); such a loss may add terms that do not
@@ -138,7 +138,7 @@ def check_loss(name: str, **options):
     return loss
 
 
-def check_dataset(name: str, **options):
+def check_dataset(name: str, **options: Any) -> Any:
     """Items are float32 (C, H, W) tensors in [-1, 1] (or (image, label)); square, C in {1, 3}, one shape."""
     check_config_round_trip("dataset", name, options)
     comp = get_component("dataset", name)
@@ -147,7 +147,7 @@ def check_dataset(name: str, **options):
     return ds
 
 
-def check_sampler(name: str, timesteps: int = 100, **options):
+def check_sampler(name: str, timesteps: int = 100, **options: Any) -> Any:
     """Deterministic for a seed, shaped like asked, and right on a network that knows x_0.
 
     With a fixed x_0 and an ε-oracle, ε(x_t) = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t), every sampler must
@@ -161,7 +161,7 @@ def check_sampler(name: str, timesteps: int = 100, **options):
     assert 1 <= sampler.num_steps <= timesteps, f"sampler '{name}': num_steps {sampler.num_steps} not in 1..T"
     x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
 
-    def oracle(x, t):
+    def oracle(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
         s = d.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
         return (x - a * x0) / s
@@ -182,7 +182,8 @@ def check_sampler(name: str, timesteps: int = 100, **options):
     return sampler
 
 
-def check_metric(name: str, images: torch.Tensor | None = None, context: MetricContext | None = None, **options):
+def check_metric(name: str, images: torch.Tensor | None = None, context: MetricContext | None = None,
+                 **options: Any) -> dict[str, float]:
     """Returns a dict of finite floats for images in [-1, 1] (checked as a run checks it)."""
     check_config_round_trip("metric", name, options)
     metric = get_component("metric", name).build(options, device=torch.device("cpu"))
@@ -191,7 +192,7 @@ def check_metric(name: str, images: torch.Tensor | None = None, context: MetricC
     return evaluate_images(images, {name: metric}, context=context)
 
 
-def check_timestep_sampler(name: str, num_timesteps: int = 50, **options):
+def check_timestep_sampler(name: str, num_timesteps: int = 50, **options: Any) -> Any:
     """``sample`` gives long t in [0, T) and None or non-negative weights; same generator, same draw."""
     check_config_round_trip("timestep_sampler", name, options)
     comp = get_component("timestep_sampler", name)
@@ -206,7 +207,7 @@ def check_timestep_sampler(name: str, num_timesteps: int = 50, **options):
     return sampler
 
 
-def check_logger(name: str, run_dir, **options):
+def check_logger(name: str, run_dir: str | Path, **options: Any) -> Any:
     """Builds in ``run_dir``, takes a step record, an epoch record and an eval record, flushes, closes."""
     check_config_round_trip("logger", name, options)
     comp = get_component("logger", name)
@@ -228,6 +229,6 @@ _CHECKS = {"schedule": check_schedule, "predictor": check_predictor, "loss": che
            "timestep_sampler": check_timestep_sampler, "logger": check_logger}
 
 
-def check(kind: str, name: str, **options):
+def check(kind: str, name: str, **options: Any) -> Any:
     """Run the contract of ``kind`` on the component ``name``."""
     return _CHECKS[kind](name, **options)

@@ -23,6 +23,9 @@ def export_diffusers(pipe, out: str | os.PathLike) -> Path:
     """
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+    if getattr(pipe.diffusion, "continuous", False):
+        raise DdpmkitError(f"export to diffusers writes a DDPMPipeline, which runs the vp process; this run's process "
+                           f"is '{pipe.diffusion.name}'")
     unet = getattr(pipe.model, "unet", None)
     if not isinstance(unet, UNet2DModel):
         raise DdpmkitError(f"export to diffusers needs a predictor wrapping UNet2DModel (such as unet2d); "

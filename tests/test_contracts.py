@@ -29,6 +29,11 @@ def test_loss_contract(name):
     plugin_testing.check_loss(name)
 
 
+@pytest.mark.parametrize("name", plugin_testing.names("process"))
+def test_process_contract(name):
+    plugin_testing.check_process(name)
+
+
 @pytest.mark.parametrize("name", plugin_testing.names("sampler"))
 def test_sampler_contract(name):
     plugin_testing.check_sampler(name)

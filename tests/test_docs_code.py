@@ -115,6 +115,7 @@ def test_python_block_runs(path, directive, code, tmp_path, monkeypatch):
                 (tmp_path / parent / "__init__.py").touch()
         module = arg[:-3].replace("/", ".")
         sys.modules.pop(module, None)
+        sys.modules.pop(module.split(".")[0], None)  # the package, imported from another block's directory
         ddpmkit.register_plugin(importlib.import_module(module), name=Path(arg).stem)
     elif kind == "setup":
         namespace.update(SETUPS[arg]())

@@ -91,6 +91,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
             images = torch.zeros(n, pipe.channels, pipe.resolution, pipe.resolution)
             source["sampler"] = None
         else:
+            pipe.sampler(sampler, sampler_opts or None)  # one that cannot run here fails before any sampling
             images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                           sampler=sampler, sampler_options=sampler_opts or None,
                                           fast=_fast_path(pipe, fast), class_labels=labels, guidance=guidance)

@@ -64,6 +64,7 @@ def sample(checkpoint, n, fmt, out, seed, batch_size, sampler, steps, sets, clas
         raise DdpmkitError(f"--out '{out}' is a {'file' if is_file else 'folder'}; --format {fmt} writes "
                            + ("a folder of PNGs" if fmt == "png" else "a file"))
     labels = pipe.class_labels(n, _class_list(classes))
+    pipe.sampler(sampler, options or None)  # a sampler that cannot run here fails before any sampling
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
                                   class_labels=labels, guidance=guidance)

@@ -23,7 +23,7 @@ from ddpmkit.sdk import contract
 from ddpmkit.sdk.data import item_image
 from ddpmkit.sdk.kinds import SECTIONS
 from ddpmkit.sdk.options import config_fields, config_to_dict
-from ddpmkit.sdk.registry import Component, get_component, takes_keyword
+from ddpmkit.sdk.registry import Component, available, get_component, takes_keyword
 
 
 def _names(value):
@@ -45,14 +45,37 @@ def component(config: RunConfig, kind: str) -> Component:
     return get_component(kind, getattr(config, kind).name)
 
 
-def build_diffusion(config: RunConfig) -> tuple[GaussianDiffusion, Any]:
-    """The schedule plugin's betas (checked) and the diffusion process around them."""
+def build_process(config: RunConfig) -> tuple[Any, Any, Any]:
+    """The run's process (``vp``: a :class:`GaussianDiffusion` on the schedule plugin's betas, checked),
+    the schedule's config and the process's config."""
     comp = component(config, "schedule")
     cfg = comp.build_config(config.schedule.options)
     betas = contract.check_betas(comp, comp.build(config=cfg))
-    diffusion = GaussianDiffusion(betas, variance_type=config.variance_type, clip_sample=config.clip_sample,
-                                  prediction=config.prediction)
-    return diffusion, cfg
+    pcomp = component(config, "process")
+    pcfg = pcomp.build_config(config.process.options)
+    process = pcomp.build(config=pcfg, betas=betas, variance_type=config.variance_type, clip_sample=config.clip_sample,
+                          prediction=config.prediction)
+    if getattr(process, "continuous", False):
+        if config.min_snr_gamma:
+            raise DdpmkitError(f"--min-snr weights the vp process's timesteps; process '{pcomp.name}' has none (drop it)")
+        if config.timestep_sampler.name != "uniform":
+            raise DdpmkitError(f"--timestep-sampler {config.timestep_sampler.name} draws the vp process's timesteps; "
+                               f"process '{pcomp.name}' draws its own times (see its options: ddpmkit plugins --options)")
+    elif not isinstance(process, GaussianDiffusion):
+        contract.fail(pcomp, contract.describe(process), "a GaussianDiffusion, or a continuous process (continuous = True)")
+    return process, cfg, pcfg
+
+
+def build_diffusion(config: RunConfig) -> tuple[Any, Any]:
+    """The run's process (for ``vp`` the :class:`GaussianDiffusion` on the schedule plugin's betas) and
+    the schedule's config."""
+    process, cfg, _ = build_process(config)
+    return process, cfg
+
+
+def process_name(diffusion: Any) -> str:
+    """The name of the process ``diffusion`` is (``vp`` for a GaussianDiffusion)."""
+    return getattr(diffusion, "name", "vp") if getattr(diffusion, "continuous", False) else "vp"
 
 
 def build_dataset(config: RunConfig) -> tuple[Any, Any, DataShape]:
@@ -125,9 +148,18 @@ def build_predictor(config: RunConfig, shape: DataShape, check_labels: bool = Tr
 def build_sampler(name: str, options: dict[str, Any] | None, diffusion: GaussianDiffusion) -> tuple[Any, Any]:
     """A sampler plugin for ``diffusion``."""
     comp = get_component("sampler", name)
+    served, process = getattr(comp.factory, "processes", ("vp",)), process_name(diffusion)
+    if process not in served and not ("ode" in served and getattr(diffusion, "continuous", False)):
+        fits = [n for n in available("sampler") if _serves(get_component("sampler", n), diffusion)]
+        raise DdpmkitError(f"sampler '{name}' does not serve the '{process}' process; samplers that do: {', '.join(fits)}")
     cfg = comp.build_config(options or {})
     sampler = contract.check_sampler_object(comp, comp.build(config=cfg, diffusion=diffusion))
     return sampler, cfg
+
+
+def _serves(comp: Component, diffusion: Any) -> bool:
+    served = getattr(comp.factory, "processes", ("vp",))
+    return process_name(diffusion) in served or ("ode" in served and getattr(diffusion, "continuous", False))
 
 
 def build_loss(config: RunConfig) -> tuple[Any, Any, bool]:
@@ -229,7 +261,10 @@ def probe(parts, device: torch.device) -> None:
             if cfg.label_dropout:  # the "no class" label K must be accepted too
                 labels[-1] = parts.shape.num_classes
             conditions["class_labels"] = torch.tensor(labels, device=device)
-        t = torch.randint(0, parts.diffusion.num_timesteps, (b,), generator=g).to(device)
+        if getattr(parts.diffusion, "continuous", False):  # the noise-level input a continuous process gives
+            t = parts.diffusion.net_time(parts.diffusion.grid(b)[:b]).to(device)
+        else:
+            t = torch.randint(0, parts.diffusion.num_timesteps, (b,), generator=g).to(device)
         probe_predictor(component(cfg, "predictor"), parts.model, x0, t, conditions)
         ts_comp = component(cfg, "timestep_sampler")
         contract.check_timesteps(ts_comp, parts.timestep_sampler.sample(b, device, torch.Generator(device).manual_seed(0)),
@@ -297,7 +332,7 @@ def assemble(config: RunConfig) -> RunParts:
     config = recommended(config, dataset)
     if config.class_conditional is False and shape.num_classes:  # the dataset recommended no conditioning
         shape = DataShape(shape.channels, shape.resolution)
-    diffusion, sched_cfg = build_diffusion(config)
+    diffusion, sched_cfg, proc_cfg = build_process(config)
     _, sampler_cfg = build_sampler(config.sampler.name, config.sampler.options, diffusion)
     tsampler, ts_cfg = build_timestep_sampler(config, diffusion.num_timesteps)
     loss, loss_cfg, takes_context = build_loss(config)
@@ -316,6 +351,7 @@ def assemble(config: RunConfig) -> RunParts:
         except TypeError:
             raise DdpmkitError(f"loss '{config.loss.name}' does not accept reduction='none', which min-SNR "
                                "weighting needs") from None
-    resolved = resolved_config(config, shape, {"schedule": sched_cfg, "predictor": pred_cfg, "loss": loss_cfg,
+    resolved = resolved_config(config, shape, {"schedule": sched_cfg, "process": proc_cfg, "predictor": pred_cfg,
+                                               "loss": loss_cfg,
                                                "dataset": ds_cfg, "sampler": sampler_cfg, "timestep_sampler": ts_cfg})
     return RunParts(config, dataset, shape, diffusion, model, loss, takes_context, tsampler, resolved, tuple(notes))

@@ -51,6 +51,7 @@ class RunConfig:
     """
 
     schedule: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("linear"))
+    process: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("vp"))
     predictor: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("unet2d"))
     loss: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("smoothl1"))
     dataset: ComponentSpec = attrs.field(factory=lambda: ComponentSpec("mnist-5k"))

@@ -59,6 +59,17 @@ class Pipeline:
         self.channels, self.resolution, self.num_classes, self.classes = channels, resolution, num_classes, classes
         self.config, self.device, self.resolved = config, device, resolved or {}
 
+    def sampler(self, sampler: str | None = None, sampler_options: dict | None = None) -> tuple[str, Any]:
+        """(name, sampler object) that :meth:`sample` uses: ``sampler`` with ``sampler_options``, by
+        default the run's own sampler with its options updated by ``sampler_options``. A sampler that
+        does not serve this run's process, or a bad option → one-line :class:`DdpmkitError`."""
+        if sampler is None:
+            sampler, opts = self.config.sampler.name, dict(self.config.sampler.options)
+            opts.update(sampler_options or {})
+        else:
+            opts = dict(sampler_options or {})
+        return sampler, build_sampler(sampler, opts, self.diffusion)[0]
+
     def class_index(self, value) -> int:
         """A class by index or by name (``"7"``, ``7``, ``"cat"``) → its index; unknown → one line."""
         names = list(self.classes or [])
@@ -121,14 +132,9 @@ class Pipeline:
         """
         if n < 1:
             raise DdpmkitError(f"number of samples must be >= 1, got {n}")
-        if sampler is None:
-            sampler, opts = self.config.sampler.name, dict(self.config.sampler.options)
-            opts.update(sampler_options or {})
-        else:
-            opts = dict(sampler_options or {})
+        sampler, sampler_obj = self.sampler(sampler, sampler_options)
         labels = self.class_labels(n, class_labels)
         w = _guidance_weight(guidance, labels is not None)
-        sampler_obj, _ = build_sampler(sampler, opts, self.diffusion)
         if self.diffusion.variance_type == "learned_range" and not getattr(sampler_obj, "uses_learned_variance", False) \
                 and sampler not in _WARNED_VARIANCE:
             _WARNED_VARIANCE.add(sampler)

@@ -47,6 +47,23 @@ def register_schedules(register: Register) -> None:
 
 
 @hookspec
+def register_processes(register: Register) -> None:
+    """Register diffusion processes (``vp``: DDPM's, the default; ``flow``: flow matching).
+
+    ``factory(config, *, betas, variance_type, clip_sample, prediction)`` — the factory takes the
+    context keywords it names: ``betas`` (the schedule plugin's, float64 ``(T,)``) and the run's
+    ``variance_type``, ``clip_sample`` and ``prediction``. A discrete process returns a
+    :class:`~ddpmkit.diffusion.GaussianDiffusion`. A continuous one returns an object with
+    ``name``, ``continuous = True``, ``num_timesteps`` (the grid forward.png is drawn on),
+    ``clip_sample``, ``loss_terms(model, x0, loss_fn, generator=..., global_batch=..., offset=...,
+    conditions=..., per_sample=...) -> LossTerms`` (training), ``q_sample(x0, t, noise)``, and its
+    probability-flow ODE for the samplers that serve ``ode`` processes: ``prior(shape, generator,
+    device, dtype)``, ``grid(steps, device)`` (times from the prior to 0), ``net_time(t)`` (the
+    network's noise-level input, float) and ``drift(output, x, t)`` (dx/dt).
+    """
+
+
+@hookspec
 def register_predictors(register: Register) -> None:
     """Register noise predictors ε_θ.
 

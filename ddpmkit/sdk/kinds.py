@@ -36,6 +36,8 @@ class Kind:
 
 KIND_TABLE: tuple[Kind, ...] = (
     Kind("schedule", "register_schedules", (), "schedule", "noise schedules: the betas β_1..β_T"),
+    Kind("process", "register_processes", ("betas", "variance_type", "clip_sample", "prediction"), "process",
+         "diffusion processes: how data is noised, what the network predicts, how samples are drawn"),
     Kind("predictor", "register_predictors", ("channels", "resolution", "num_classes"), "predictor",
          "noise predictors ε_θ (networks)"),
     Kind("loss", "register_losses", (), "loss", "training losses"),

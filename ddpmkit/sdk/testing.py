@@ -26,7 +26,7 @@ from ddpmkit.diffusion import GaussianDiffusion, LossContext, ModelOutput
 from ddpmkit.sdk import contract
 from ddpmkit.sdk.evaluation import MetricContext, evaluate_images
 from ddpmkit.sdk.options import build_config, config_defaults_missing, config_to_dict
-from ddpmkit.sdk.registry import available, get_component, takes_keyword
+from ddpmkit.sdk.registry import Component, available, build, get_component, takes_keyword
 
 __all__ = ["names", "check", "check_config_round_trip", "check_schedule", "check_predictor", "check_loss",
            "check_dataset", "check_sampler", "check_metric", "check_timestep_sampler", "check_logger"]
@@ -156,6 +156,9 @@ def check_sampler(name: str, timesteps: int = 100, **options: Any) -> Any:
     """
     check_config_round_trip("sampler", name, options)
     comp = get_component("sampler", name)
+    served = getattr(comp.factory, "processes", ("vp",))
+    if "vp" not in served and "ode" in served:
+        return _check_ode_sampler(comp, options)
     d = GaussianDiffusion(torch.linspace(1e-4, 0.2, timesteps, dtype=torch.float64))
     sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=d))
     assert 1 <= sampler.num_steps <= timesteps, f"sampler '{name}': num_steps {sampler.num_steps} not in 1..T"
@@ -224,7 +227,58 @@ def check_logger(name: str, run_dir: str | Path, **options: Any) -> Any:
     return logger
 
 
-_CHECKS = {"schedule": check_schedule, "predictor": check_predictor, "loss": check_loss,
+def _check_ode_sampler(comp: Component, options: dict[str, Any]) -> Any:
+    """A sampler of continuous processes, on the built-in ``flow`` process: with a velocity oracle
+    v(x_t, t) = (x_t − x_0)/t it must return x_0; deterministic for a seed."""
+    process = build("process", "flow", {}, clip_sample=False)
+    sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=process))
+    x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+
+    def oracle(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        t = (c.double() / process.config.time_scale).view(-1, 1, 1, 1)
+        return (x - x0) / t
+
+    calls = []
+    out = sampler.sample(oracle, (2, 1, 4, 4), generator=torch.Generator().manual_seed(1),
+                         progress=calls.append, dtype=torch.float64)
+    contract.check_samples(comp, out, (2, 1, 4, 4), torch.float64)
+    err = (out - x0).abs().max().item()
+    assert err <= 1e-6, f"sampler '{comp.name}' does not recover x_0 from a velocity oracle (max error {err:.3g})"
+    assert calls and calls[-1] == sampler.num_steps, f"sampler '{comp.name}': progress not reported per call"
+    a = sampler.sample(lambda x, t: torch.tanh(x), (2, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+    b = sampler.sample(lambda x, t: torch.tanh(x), (2, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b), f"sampler '{comp.name}': not deterministic for a fixed generator"
+    return sampler
+
+
+def check_process(name: str, **options: Any) -> Any:
+    """Builds from the run's context. A discrete process is a :class:`GaussianDiffusion` on the betas
+    it was given; a continuous one trains (a finite scalar loss with a gradient from a small network,
+    per-sample losses of shape (B,)) and offers its ODE: a prior of the asked shape and a grid from
+    the prior's time down to 0."""
+    check_config_round_trip("process", name, options)
+    betas = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
+    process = build("process", name, options, betas=betas, variance_type="fixed_small", clip_sample=False,
+                    prediction="epsilon")
+    if not getattr(process, "continuous", False):
+        assert isinstance(process, GaussianDiffusion), f"process '{name}': neither a GaussianDiffusion nor continuous"
+        assert torch.equal(process.betas, betas), f"process '{name}': does not use the schedule's betas"
+        return process
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t: net(x) * (1 + t.view(-1, 1, 1, 1) / 1000)  # noqa: E731
+    x0 = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mse = lambda p, q, reduction="mean": torch.nn.functional.mse_loss(p, q, reduction=reduction)  # noqa: E731
+    terms = process.loss_terms(model, x0, mse, generator=torch.Generator().manual_seed(0), per_sample=True)
+    assert terms.loss.ndim == 0 and torch.isfinite(terms.loss) and terms.loss.requires_grad, f"process '{name}': loss"
+    assert terms.per_sample.shape == (3,), f"process '{name}': per-sample losses of shape {terms.per_sample.shape}"
+    grid = process.grid(8)
+    assert grid.shape == (9,) and float(grid[-1]) == 0.0 and bool((grid[1:] < grid[:-1]).all()), \
+        f"process '{name}': grid(8) must fall from the prior's time to 0 in 9 points"
+    assert process.prior((2, 1, 4, 4), generator=torch.Generator().manual_seed(0)).shape == (2, 1, 4, 4)
+    return process
+
+
+_CHECKS = {"schedule": check_schedule, "process": check_process, "predictor": check_predictor, "loss": check_loss,
            "dataset": check_dataset, "sampler": check_sampler, "metric": check_metric,
            "timestep_sampler": check_timestep_sampler, "logger": check_logger}
 

@@ -73,6 +73,9 @@ class NLL:
         x0, labels = self.real_images(pipe, len(images))
         conditional = bool(getattr(pipe.model, "conditions", ()))
         model, diffusion = pipe.model.eval(), pipe.diffusion
+        if not hasattr(diffusion, "nll_bpd"):
+            raise ddpmkit.DdpmkitError(f"nll is the variational bound of the vp process; this run's process is "
+                                       f"'{getattr(diffusion, 'name', '?')}'")
         g = torch.Generator(device=self.device).manual_seed(self.config.seed)
         parts = {"total": [], "prior": [], "kl": [], "decoder": []}
         per_call = max(1, self.config.max_batch)

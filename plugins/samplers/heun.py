@@ -8,6 +8,9 @@ dx/dσ = (x − x̂_0(x, σ))/σ. Each step from σ_i to σ_{i+1} (Δ = σ_{i+1}
 
 two network calls per step, one for the last (σ = 0): 2·steps − 1 calls. The run's clipping clips
 x̂_0. The update is diffusers' ``HeunDiscreteScheduler``, configured from the run's betas and target.
+
+On a continuous process (``flow``) the same method runs on that process's own ODE and time grid
+(``_ode.py``): 2·steps − 1 calls, the last step Euler's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import attrs
 
 import ddpmkit
 
+from ._ode import ODESampler
 from ._solver_loop import SPACINGS, SchedulerSampler, scheduler_kwargs
 
 # Above this σ_max Heun's first step is refused unless it starts lower (leading spacing); the
@@ -37,7 +41,12 @@ class HeunConfig:
     timestep_spacing: str = attrs.field(default="linspace", validator=attrs.validators.in_(SPACINGS))
 
 
-def make(config: HeunConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> SchedulerSampler:
+def make(config: HeunConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> SchedulerSampler | ODESampler:
+    if getattr(diffusion, "continuous", False):
+        if config.karras_sigmas or config.timestep_spacing != "linspace":
+            raise ddpmkit.DdpmkitError(f"heun: karras_sigmas and timestep_spacing are for the vp process; on "
+                                       f"'{diffusion.name}' heun steps on that process's own time grid (drop them)")
+        return ODESampler(diffusion, config.steps, heun=True)
     from diffusers import HeunDiscreteScheduler
 
     ab = diffusion.alphas_cumprod.double()
@@ -57,6 +66,9 @@ def make(config: HeunConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> Schedul
         clip_sample=diffusion.clip_sample, clip_sample_range=diffusion.clip_range,
         timestep_spacing=config.timestep_spacing)
     return SchedulerSampler(scheduler, config.steps, name="heun", repeats_timesteps=True)
+
+
+make.processes = ("vp", "ode")  # vp through diffusers; any continuous process on its own ODE
 
 
 @ddpmkit.hookimpl

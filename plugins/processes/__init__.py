@@ -1,0 +1,1 @@
+"""Built-in processes plugins, one per module."""

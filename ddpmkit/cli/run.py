@@ -56,13 +56,13 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
               help="Where the dataset lives or is downloaded to (datasets with a data_root option; "
                    "default ~/.cache/ddpmkit/datasets).")
 @click.option("--schedule", default=None, help="Noise schedule by name (see `ddpmkit plugins`).")
-@click.option("--process", default=None, help="Diffusion process: vp (DDPM, default) or flow (flow matching).")
+@click.option("--process", default=None, help="Diffusion process: vp (DDPM, default), flow (flow matching) or edm.")
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
 @click.option("--dataset", default=None, help="Dataset by name.")
 @click.option("--sampler", default=None,
               help="Sampler for the final grid (vp: ddpm (Algorithm 2), ddim, dpm-solver++, unipc, heun, "
-                   "euler-ancestral; flow: euler, heun).")
+                   "euler-ancestral; flow and edm: euler, heun; edm: edm-sde).")
 @click.option("--timestep-sampler", "timestep_sampler", default=None,
               help="How training draws t (default uniform, Algorithm 1).")
 @click.option("--steps", type=int, default=None, help="Sampler steps (ddim and the solvers: any number up to T).")

@@ -58,8 +58,9 @@ def register_processes(register: Register) -> None:
     ``clip_sample``, ``loss_terms(model, x0, loss_fn, generator=..., global_batch=..., offset=...,
     conditions=..., per_sample=...) -> LossTerms`` (training), ``q_sample(x0, t, noise)``, and its
     probability-flow ODE for the samplers that serve ``ode`` processes: ``prior(shape, generator,
-    device, dtype)``, ``grid(steps, device)`` (times from the prior to 0), ``net_time(t)`` (the
-    network's noise-level input, float) and ``drift(output, x, t)`` (dx/dt).
+    device, dtype)``, ``grid(steps, device)`` (times from the prior to 0), ``net_input(x, t)`` and
+    ``net_time(t)`` (what the network gets: its image input, and its noise level as a float) and
+    ``drift(output, x, t)`` (dx/dt).
     """
 
 

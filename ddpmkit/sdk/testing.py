@@ -157,8 +157,8 @@ def check_sampler(name: str, timesteps: int = 100, **options: Any) -> Any:
     check_config_round_trip("sampler", name, options)
     comp = get_component("sampler", name)
     served = getattr(comp.factory, "processes", ("vp",))
-    if "vp" not in served and "ode" in served:
-        return _check_ode_sampler(comp, options)
+    if "vp" not in served:
+        return _check_ode_sampler(comp, options, "flow" if "ode" in served or "flow" in served else served[0])
     d = GaussianDiffusion(torch.linspace(1e-4, 0.2, timesteps, dtype=torch.float64))
     sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=d))
     assert 1 <= sampler.num_steps <= timesteps, f"sampler '{name}': num_steps {sampler.num_steps} not in 1..T"
@@ -227,15 +227,19 @@ def check_logger(name: str, run_dir: str | Path, **options: Any) -> Any:
     return logger
 
 
-def _check_ode_sampler(comp: Component, options: dict[str, Any]) -> Any:
-    """A sampler of continuous processes, on the built-in ``flow`` process: with a velocity oracle
-    v(x_t, t) = (x_t − x_0)/t it must return x_0; deterministic for a seed."""
-    process = build("process", "flow", {}, clip_sample=False)
+def _check_ode_sampler(comp: Component, options: dict[str, Any], process_name: str) -> Any:
+    """A sampler of continuous processes, on the built-in ``flow`` (or ``edm``) process: with an oracle
+    network whose denoised estimate is x_0 it must return x_0; deterministic for a seed."""
+    process = build("process", process_name, {}, clip_sample=False)
     sampler = contract.check_sampler_object(comp, comp.build(options, diffusion=process))
     x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
 
     def oracle(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        t = (c.double() / process.config.time_scale).view(-1, 1, 1, 1)
+        if process_name == "edm":  # F with c_skip·x + c_out·F = x_0, x = (network input)/c_in, σ = e^{4c}
+            sigma = (c.double() * 4 / process.config.noise_scale).exp().view(-1, 1, 1, 1)
+            x = x / process.c_in(sigma)
+            return (x0 - process.c_skip(sigma) * x) / process.c_out(sigma)
+        t = (c.double() / process.config.time_scale).view(-1, 1, 1, 1)  # flow: v = (x_t − x_0)/t
         return (x - x0) / t
 
     calls = []

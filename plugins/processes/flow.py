@@ -76,6 +76,10 @@ class FlowProcess:
         """v = ε − x_0."""
         return noise - x0
 
+    def net_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network gets as its image input: x_t itself."""
+        return x
+
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the network gets as its noise level: t × time_scale, float32."""
         return (t * self.config.time_scale).float()

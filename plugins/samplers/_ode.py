@@ -1,8 +1,8 @@
 """The loop shared by the ODE samplers of continuous processes (``euler``, and ``heun`` on them).
 
 A continuous process (``process.continuous``) offers its probability-flow ODE: ``prior(shape)`` at
-the first time of ``grid(steps)``, the network's noise-level input ``net_time(t)``, and
-``drift(output, x, t)`` = dx/dt from the network's output. From t_i to t_{i+1} (h = t_{i+1} − t_i):
+the first time of ``grid(steps)``, the network's inputs ``net_input(x, t)`` and ``net_time(t)``
+(its noise level), and ``drift(output, x, t)`` = dx/dt from the network's output. From t_i to t_{i+1} (h = t_{i+1} − t_i):
 
     d_i = drift(net(x_i, t_i), x_i, t_i)
     Euler:  x_{i+1} = x_i + h·d_i                                               (1 call)
@@ -42,7 +42,7 @@ class ODESampler:
         def drift(x, t):
             nonlocal calls
             tb = torch.full((shape[0],), float(t), device=device, dtype=torch.float64)
-            out = model(x, p.net_time(tb))
+            out = model(p.net_input(x, tb), p.net_time(tb))
             calls += 1
             if progress is not None:
                 progress(calls)

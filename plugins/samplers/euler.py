@@ -3,8 +3,9 @@ call per step, from the prior at the first time of the process's grid to t = 0:
 
     x_{i+1} = x_i + (t_{i+1} − t_i)·dx/dt(x_i, t_i)
 
-(for ``flow``, dx/dt is the velocity v̂; the same step as diffusers' ``FlowMatchEulerDiscreteScheduler``).
-The loop is in ``_ode.py``.
+(for ``flow``, dx/dt is the velocity v̂; the same step as diffusers' ``FlowMatchEulerDiscreteScheduler``;
+on ``vp``, the ODE in x̃ = x_t/√ᾱ_t over training timesteps, which is DDIM with η = 0). The loop is in
+``_ode.py``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def make(config: EulerConfig, *, diffusion) -> ODESampler:
     return ODESampler(diffusion, config.steps)
 
 
-make.processes = ("ode",)  # any continuous process (one with a probability-flow ODE)
+make.processes = ("vp", "ode")  # vp through its ODE view (VPODE: DDIM with η = 0), and any continuous process
 
 
 @ddpmkit.hookimpl
 def register_samplers(register):
-    register("euler", make, EulerConfig, "Euler steps on a continuous process's ODE (flow): 1 call per step")
+    register("euler", make, EulerConfig, "Euler steps on the process's ODE (vp: DDIM eta=0; flow, edm): 1 call per step")

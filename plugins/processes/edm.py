@@ -13,6 +13,8 @@ ODE on the ρ-grid; ``edm-sde`` is its stochastic sampler (Algorithm 2).
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -130,6 +132,11 @@ class EDMProcess:
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x at σ_max: N(0, σ_max²·I)."""
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.config.sigma_max
+
+    def prior_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, σ_max²·I) per image (float64; x_0's share of x at σ_max neglected)."""
+        d, s = x[0].numel(), self.config.sigma_max
+        return -0.5 * (x.double().flatten(1) ** 2).sum(1) / s ** 2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
     def drift(self, output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """dx/dσ = (x − D(x; σ))/σ."""

@@ -17,6 +17,8 @@ With the run's clipping on, the ODE steps along the clipped x̂_0: v̂' = (x_t �
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -47,6 +49,7 @@ class FlowProcess:
 
     name = "flow"
     continuous = True
+    ode_starts_at_zero = True  # the velocity is defined at t = 0: the likelihood integrates from the data itself
     prediction = "velocity"
     variance_type = "fixed"
     num_timesteps = 1000  # the grid a picture of the forward process (forward.png) is drawn on
@@ -110,6 +113,11 @@ class FlowProcess:
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x at t = 1: N(0, I)."""
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, I) per image (float64)."""
+        d = x[0].numel()
+        return -0.5 * (x.double().flatten(1) ** 2).sum(1) - d * 0.5 * math.log(2 * math.pi)
 
     def grid(self, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """steps + 1 times from 1 to 0, evenly spaced (float64)."""

@@ -4,8 +4,8 @@ call per step, from the prior at the first time of the process's grid to t = 0:
     x_{i+1} = x_i + (t_{i+1} − t_i)·dx/dt(x_i, t_i)
 
 (for ``flow``, dx/dt is the velocity v̂; the same step as diffusers' ``FlowMatchEulerDiscreteScheduler``;
-on ``vp``, the ODE in x̃ = x_t/√ᾱ_t over training timesteps, which is DDIM with η = 0). The loop is in
-``_ode.py``.
+on ``vp``, the ODE in x̃ = x_t/√ᾱ_t over training timesteps, which is DDIM with η = 0). The loop is
+``ddpmkit.sdk.ode``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import attrs
 
 import ddpmkit
-
-from ._ode import ODESampler
+from ddpmkit.sdk.ode import ODESampler
 
 
 @attrs.define

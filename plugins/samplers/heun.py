@@ -10,7 +10,7 @@ two network calls per step, one for the last (σ = 0): 2·steps − 1 calls. The
 x̂_0. The update is diffusers' ``HeunDiscreteScheduler``, configured from the run's betas and target.
 
 On a continuous process (``flow``) the same method runs on that process's own ODE and time grid
-(``_ode.py``): 2·steps − 1 calls, the last step Euler's.
+(``ddpmkit.sdk.ode``): 2·steps − 1 calls, the last step Euler's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import attrs
 
 import ddpmkit
+from ddpmkit.sdk.ode import ODESampler
 
-from ._ode import ODESampler
 from ._solver_loop import SPACINGS, SchedulerSampler, scheduler_kwargs
 
 # Above this σ_max Heun's first step is refused unless it starts lower (leading spacing); the

@@ -1,0 +1,75 @@
+"""The process comparison of docs/processes.md: runs of ``vp``, ``edm`` and ``flow`` trained with the
+same network and budget, sampled at several numbers of network calls, scored against held-out real
+digits (KID and precision/recall in the digit classifier's feature space, digit-score IS and
+confidence beside them).
+
+    python benchmarks/processes.py --runs vp=RUN_VP edm=RUN_EDM flow=RUN_FLOW --real REAL_DIR \\
+        [-n 1000] [--calls 1,2,4,8,16,32] [--out processes.json]
+
+Each run is an ordinary run directory (``ddpmkit run --process P --sampler S --out RUN``); REAL_DIR
+holds real test digits as PNGs (``python benchmarks/real_digits.py ../shared/data/mnist REAL_DIR -n 1000``).
+Samples are drawn with ``ddpmkit sample --format npz`` and scored with ``ddpmkit evaluate --images``, so
+every figure is what those commands print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (sampler, steps for a number of network calls), per process; None: not reachable at that count
+SAMPLERS = {
+    "vp": {"ddim": lambda k: k, "euler-ancestral": lambda k: k, "heun": lambda k: (k + 1) // 2 if k % 2 else None},
+    "edm": {"euler": lambda k: k, "heun": lambda k: (k + 1) // 2 if k % 2 and k > 1 else None},
+    "flow": {"euler": lambda k: k, "heun": lambda k: (k + 1) // 2 if k % 2 and k > 1 else None},
+}
+
+
+def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path) -> dict:
+    npz = work / f"{Path(run).name}-{sampler}-{steps}.npz"
+    t0 = time.perf_counter()
+    subprocess.run(["ddpmkit", "sample", run, "-n", str(n), "--format", "npz", "--out", str(npz), "--sampler", sampler,
+                    "--steps", str(steps), "--no-progress", "--seed", "0"], check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    out = work / (npz.stem + ".json")
+    subprocess.run(["ddpmkit", "evaluate", "--images", str(npz), "--metric", "kid,precision-recall,digit-score",
+                    "--set", "metric.dataset=image-folder", "--set", f"metric.data_root={real}", "--json", str(out),
+                    "--no-progress"], check=True, capture_output=True)
+    r = json.loads(out.read_text())["results"]
+    return {"seconds": seconds, **{k: r[k] for k in ("kid", "precision", "recall", "digit_is", "digit_confidence")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="+", required=True, help="PROCESS=RUN_DIR ...")
+    ap.add_argument("--real", required=True)
+    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--calls", default="1,2,4,8,16,32")
+    ap.add_argument("--extra", nargs="*", default=[], help="PROCESS:SAMPLER:STEPS rows beyond --calls")
+    ap.add_argument("--out", default="processes.json")
+    args = ap.parse_args()
+    runs = dict(item.split("=", 1) for item in args.runs)
+    work = Path(args.out).with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    plan = [(p, s, f(k), k) for p in runs for s, f in SAMPLERS[p].items()
+            for k in map(int, args.calls.split(",")) if f(k)]
+    for item in args.extra:
+        p, s, steps = item.split(":")
+        calls = 2 * int(steps) - 1 if s == "heun" else int(steps)
+        plan.append((p, s, int(steps), calls))
+    for process, sampler, steps, calls in plan:
+        res = evaluate(runs[process], sampler, steps, args.n, args.real, work)
+        rows.append({"process": process, "sampler": sampler, "steps": steps, "calls": calls, **res})
+        print(f"| {process} | {sampler} | {calls} | {res['kid']:.1f} | {res['precision']:.3f} | {res['recall']:.3f} | "
+              f"{res['digit_is']:.2f} | {res['digit_confidence']:.3f} | {res['seconds']:.0f} |", flush=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,6 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
     from ddpmkit.run.pipeline import load_checkpoint, resolve_device
     from ddpmkit.run.progress import make_progress, sample_with_progress
     from ddpmkit.sdk.evaluation import MetricContext, evaluate_images, load_images
-    from ddpmkit.sdk.files import write_json
     from ddpmkit.sdk.metrics import quantize
 
     if (checkpoint is None) == (images_dir is None):
@@ -102,6 +101,14 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
         context = MetricContext(pipeline=pipe, seed=seed, labels=labels)
         for name, metric in metrics.items():
             per_metric[name] = evaluate_images(images, {name: metric}, bar=bar, context=context)
+    _report(images.shape[0], metrics, per_metric, metric_names, metric_opts, source, json_out, figures_dir)
+
+
+def _report(count: int, metrics: dict, per_metric: dict, metric_names, metric_opts: dict, source: dict, json_out,
+            figures_dir) -> None:
+    """The table, the feature spaces and data each metric used, its figures, and the JSON."""
+    from ddpmkit.sdk.files import write_json
+
     spaces = {name: m.feature_space for name, m in metrics.items() if getattr(m, "feature_space", None)}
     data = {name: m.data for name, m in metrics.items() if isinstance(getattr(m, "data", None), str)}
     figures = []
@@ -109,7 +116,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
         for metric in metrics.values():
             if callable(getattr(metric, "figures", None)):
                 figures += [str(p) for p in metric.figures(figures_dir)]
-    table = Table(title=f"{images.shape[0]} images", title_justify="left")
+    table = Table(title=f"{count} images", title_justify="left")
     for col in ("metric", "result", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     for name, results in per_metric.items():

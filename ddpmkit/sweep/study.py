@@ -5,6 +5,7 @@ requeueing a stopped trial, the objective and the pruner.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -132,3 +133,32 @@ def _pruner(name: str, prune_after: int = 3):
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
+
+
+@contextlib.contextmanager
+def ask_lock(storage, url: str, study: str):
+    """One worker at a time between "is there room for another trial?" and ``study.ask()``: without it
+    two workers can both see room for the last trial and make one too many. SQLite: a file lock beside
+    the database (its workers share a host); PostgreSQL: an advisory lock on the study's name, held by
+    a connection of the storage's own engine; other databases: none."""
+    if url.startswith("sqlite:///"):
+        import fcntl
+
+        with open(url[len("sqlite:///"):] + ".ask.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        key = int.from_bytes(hashlib.sha256(study.encode()).digest()[:8], "big", signed=True)
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    else:
+        yield

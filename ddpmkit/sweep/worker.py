@@ -24,6 +24,7 @@ from ddpmkit.sweep.study import (
     RETRY_OF,
     _pruner,
     _quiet,
+    ask_lock,
     default_storage,
     import_optuna,
     masked,
@@ -169,10 +170,12 @@ class Worker:
             while self.stop_signal is None:
                 with _quiet(self.optuna):
                     self.optuna.storages.fail_stale_trials(self.study)
-                started, waiting = self._lineages()
-                if started >= self.opts.trials and not waiting:
-                    break
-                self.run_trial(self.study.ask())
+                with ask_lock(self.storage, self.storage_url, self.opts.study):
+                    started, waiting = self._lineages()
+                    if started >= self.opts.trials and not waiting:
+                        break
+                    trial = self.study.ask()
+                self.run_trial(trial)
                 ran += 1
         if self.stop_signal is not None:
             raise SweepStopped(self.stop_signal)

@@ -101,6 +101,25 @@ def ode_view(process: Any) -> Any:
     return process
 
 
+def counted_drift(process: Any, model: Callable[..., torch.Tensor], shape: tuple[int, ...],
+                  device: torch.device | str = "cpu",
+                  progress: Callable[[int], None] | None = None) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``drift(x, t)``: dx/dt of ``process``'s ODE from one call of the network at (x, t), t the same
+    for the batch; ``progress(k)`` after the k-th call. A learned variance in the output is set aside."""
+    calls = 0
+
+    def drift(x: torch.Tensor, t: Any) -> torch.Tensor:
+        nonlocal calls
+        tb = torch.full((shape[0],), float(t), device=device, dtype=torch.float64)
+        out = model(process.net_input(x, tb), process.net_time(tb))
+        calls += 1
+        if progress is not None:
+            progress(calls)
+        return process.drift(out[:, :shape[1]], x, tb)
+
+    return drift
+
+
 class ODESampler:
     """Euler or Heun steps on a continuous process's ODE.
 
@@ -126,16 +145,7 @@ class ODESampler:
         p = self.process
         ts = p.grid(self.steps, device)
         x = p.prior(shape, generator=generator, device=device, dtype=dtype)
-        calls = 0
-
-        def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            nonlocal calls
-            tb = torch.full((shape[0],), float(t), device=device, dtype=torch.float64)
-            out = model(p.net_input(x, tb), p.net_time(tb))
-            calls += 1
-            if progress is not None:
-                progress(calls)
-            return p.drift(out[:, :shape[1]], x, tb)
+        drift = counted_drift(p, model, shape, device, progress)
 
         for i in range(self.steps):
             t, t_next = ts[i], ts[i + 1]

@@ -29,6 +29,7 @@ This is a helper of the built-in plugins, not a plugin: it registers nothing.
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 import ddpmkit
@@ -44,6 +45,30 @@ def scheduler_kwargs(diffusion: ddpmkit.GaussianDiffusion, steps: int, name: str
         raise ddpmkit.DdpmkitError(f"{name}: --steps {steps} is more than the model's T = {T}")
     return {"num_train_timesteps": T, "trained_betas": diffusion.betas.double().cpu().numpy(),
             "prediction_type": DIFFUSERS_PREDICTION[diffusion.prediction]}
+
+
+@attrs.define
+class ThresholdingOptions:
+    """The options of diffusers' x̂_0 thresholding, for the solvers that have it (dpm-solver++, unipc).
+
+    thresholding: dynamic thresholding of x̂_0 (Saharia et al. 2022): per image s = the
+        ``dynamic_thresholding_ratio`` quantile of |x̂_0| clamped to [1, ``sample_max_value``], then
+        x̂_0 → clamp(x̂_0, −s, s)/s. Default False. (With ``sample_max_value`` 1 it is clipping to
+        [−1, 1], which ``--clip`` gives every sampler.)
+    dynamic_thresholding_ratio: that quantile, in (0, 1]. Default 0.995.
+    sample_max_value: the largest s, >= 1. Default 1.0 (diffusers' default).
+    """
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = attrs.field(default=0.995, validator=[attrs.validators.gt(0.0),
+                                                                           attrs.validators.le(1.0)])
+    sample_max_value: float = attrs.field(default=1.0, validator=attrs.validators.ge(1.0))
+
+
+def thresholding_kwargs(config: ThresholdingOptions) -> dict:
+    """The scheduler keywords of those options."""
+    return {"thresholding": config.thresholding, "dynamic_thresholding_ratio": config.dynamic_thresholding_ratio,
+            "sample_max_value": config.sample_max_value}
 
 
 def clip_kwargs(diffusion: ddpmkit.GaussianDiffusion) -> dict:

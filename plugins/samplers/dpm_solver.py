@@ -16,11 +16,11 @@ import attrs
 
 import ddpmkit
 
-from ._solver_loop import SPACINGS, SchedulerSampler, clip_kwargs, scheduler_kwargs
+from ._solver_loop import SPACINGS, SchedulerSampler, ThresholdingOptions, clip_kwargs, scheduler_kwargs, thresholding_kwargs
 
 
 @attrs.define
-class DPMSolverConfig:
+class DPMSolverConfig(ThresholdingOptions):
     """Options of ``dpm-solver++``.
 
     steps: network calls, 1..T. Default 20.
@@ -28,12 +28,7 @@ class DPMSolverConfig:
     algorithm: ``dpmsolver++`` (deterministic, default) or ``sde-dpmsolver++`` (stochastic).
     lower_order_final: lower-order steps at the end, which stabilises fewer than 15 steps. Default True.
     karras_sigmas: Karras et al.'s σ spacing instead of ``timestep_spacing``. Default False.
-    thresholding: dynamic thresholding of x̂_0 (Saharia et al. 2022): per image s = the
-        ``dynamic_thresholding_ratio`` quantile of |x̂_0| clamped to [1, ``sample_max_value``], then
-        x̂_0 → clamp(x̂_0, −s, s)/s. Default False. (With ``sample_max_value`` 1 it is clipping to
-        [−1, 1], which ``--clip`` gives every sampler.)
-    dynamic_thresholding_ratio: that quantile, in (0, 1]. Default 0.995.
-    sample_max_value: the largest s, >= 1. Default 1.0 (diffusers' default).
+    thresholding, dynamic_thresholding_ratio, sample_max_value: see ``ThresholdingOptions``.
     timestep_spacing: ``linspace`` (default), ``leading`` or ``trailing``.
     """
 
@@ -42,10 +37,6 @@ class DPMSolverConfig:
     algorithm: str = attrs.field(default="dpmsolver++", validator=attrs.validators.in_(("dpmsolver++", "sde-dpmsolver++")))
     lower_order_final: bool = True
     karras_sigmas: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = attrs.field(default=0.995, validator=[attrs.validators.gt(0.0),
-                                                                           attrs.validators.le(1.0)])
-    sample_max_value: float = attrs.field(default=1.0, validator=attrs.validators.ge(1.0))
     timestep_spacing: str = attrs.field(default="linspace", validator=attrs.validators.in_(SPACINGS))
 
 
@@ -55,8 +46,7 @@ def make(config: DPMSolverConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> Sc
     scheduler = DPMSolverMultistepScheduler(
         **scheduler_kwargs(diffusion, config.steps, "dpm-solver++"), solver_order=config.order,
         algorithm_type=config.algorithm, lower_order_final=config.lower_order_final,
-        use_karras_sigmas=config.karras_sigmas, thresholding=config.thresholding,
-        dynamic_thresholding_ratio=config.dynamic_thresholding_ratio, sample_max_value=config.sample_max_value,
+        use_karras_sigmas=config.karras_sigmas, **thresholding_kwargs(config),
         timestep_spacing=config.timestep_spacing)
     return SchedulerSampler(scheduler, config.steps, **clip_kwargs(diffusion), stochastic=config.algorithm.startswith("sde"),
                             name="dpm-solver++")

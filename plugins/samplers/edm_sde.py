@@ -17,6 +17,7 @@ import attrs
 import torch
 
 import ddpmkit
+from ddpmkit.sdk.ode import counted_drift
 
 
 @attrs.define
@@ -47,16 +48,7 @@ class EDMSDESampler:
         c, p = self.config, self.process
         sigmas = p.grid(c.steps, device)
         x = p.prior(shape, generator=generator, device=device, dtype=dtype)
-        calls = 0
-
-        def drift(x, s):
-            nonlocal calls
-            sb = torch.full((shape[0],), float(s), device=device, dtype=torch.float64)
-            out = model(p.net_input(x, sb), p.net_time(sb))
-            calls += 1
-            if progress is not None:
-                progress(calls)
-            return p.drift(out[:, :shape[1]], x, sb)
+        drift = counted_drift(p, model, shape, device, progress)
 
         for i in range(c.steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])

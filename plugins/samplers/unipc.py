@@ -13,11 +13,11 @@ import attrs
 
 import ddpmkit
 
-from ._solver_loop import SPACINGS, SchedulerSampler, clip_kwargs, scheduler_kwargs
+from ._solver_loop import SPACINGS, SchedulerSampler, ThresholdingOptions, clip_kwargs, scheduler_kwargs, thresholding_kwargs
 
 
 @attrs.define
-class UniPCConfig:
+class UniPCConfig(ThresholdingOptions):
     """Options of ``unipc``.
 
     steps: network calls, 1..T. Default 20.
@@ -26,12 +26,7 @@ class UniPCConfig:
         (diffusers' bh1 update divides by an infinite λ at σ = 0 and returns NaN).
     lower_order_final: lower-order steps at the end. Default True.
     karras_sigmas: Karras et al.'s σ spacing instead of ``timestep_spacing``. Default False.
-    thresholding: dynamic thresholding of x̂_0 (Saharia et al. 2022): per image s = the
-        ``dynamic_thresholding_ratio`` quantile of |x̂_0| clamped to [1, ``sample_max_value``], then
-        x̂_0 → clamp(x̂_0, −s, s)/s. Default False. (With ``sample_max_value`` 1 it is clipping to
-        [−1, 1], which ``--clip`` gives every sampler.)
-    dynamic_thresholding_ratio: that quantile, in (0, 1]. Default 0.995.
-    sample_max_value: the largest s, >= 1. Default 1.0 (diffusers' default).
+    thresholding, dynamic_thresholding_ratio, sample_max_value: see ``ThresholdingOptions``.
     timestep_spacing: ``linspace`` (default), ``leading`` or ``trailing``.
     """
 
@@ -40,10 +35,6 @@ class UniPCConfig:
     solver_type: str = attrs.field(default="bh2", validator=attrs.validators.in_(("bh1", "bh2")))
     lower_order_final: bool = True
     karras_sigmas: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = attrs.field(default=0.995, validator=[attrs.validators.gt(0.0),
-                                                                           attrs.validators.le(1.0)])
-    sample_max_value: float = attrs.field(default=1.0, validator=attrs.validators.ge(1.0))
     timestep_spacing: str = attrs.field(default="linspace", validator=attrs.validators.in_(SPACINGS))
 
 
@@ -63,8 +54,7 @@ def make(config: UniPCConfig, *, diffusion: ddpmkit.GaussianDiffusion) -> Schedu
     scheduler = UniPCMultistepScheduler(
         **scheduler_kwargs(diffusion, config.steps, "unipc"), solver_order=config.order,
         solver_type=config.solver_type, lower_order_final=config.lower_order_final,
-        use_karras_sigmas=config.karras_sigmas, thresholding=config.thresholding,
-        dynamic_thresholding_ratio=config.dynamic_thresholding_ratio, sample_max_value=config.sample_max_value,
+        use_karras_sigmas=config.karras_sigmas, **thresholding_kwargs(config),
         timestep_spacing=config.timestep_spacing,
         final_sigmas_type="sigma_min" if config.solver_type == "bh1" else "zero")
     return SchedulerSampler(scheduler, config.steps, **clip_kwargs(diffusion), name="unipc")

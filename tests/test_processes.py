@@ -75,13 +75,7 @@ def test_flow_ode_samplers_converge_on_gaussian_data(heun):
     from ddpmkit.sdk.ode import ODESampler
 
     mu, s2 = 0.5, 0.25
-    process = _flow()
-
-    def net(x, c):
-        t, x = (c / 1000).double().view(-1, 1, 1, 1), x.double()
-        var = (1 - t) ** 2 * s2 + t ** 2
-        r = x - (1 - t) * mu
-        return (t / var * r - (mu + (1 - t) * s2 / var * r)).float()
+    process, net = _gaussian_networks(mu, s2)["flow"]
 
     bands = {False: {8: (0.60, 0.78), 32: (0.87, 0.95), 128: (0.95, 1.0)},
              True: {8: (0.90, 0.97), 32: (0.98, 1.02), 128: (0.98, 1.02)}}[heun]
@@ -199,13 +193,7 @@ def test_edm_ode_samplers_converge_on_gaussian_data(heun):
     from ddpmkit.sdk.ode import ODESampler
 
     mu, s2 = 0.5, 0.25
-    process = _edm()
-
-    def net(x_in, c):
-        sigma = (c.double() * 4).exp().view(-1, 1, 1, 1)
-        x = x_in.double() / process.c_in(sigma)
-        d = mu + s2 / (s2 + sigma ** 2) * (x - mu)
-        return ((d - process.c_skip(sigma) * x) / process.c_out(sigma)).float()
+    process, net = _gaussian_networks(mu, s2)["edm"]
 
     bands = {False: {8: (0.35, 0.55), 32: (0.78, 0.88), 128: (0.93, 0.98)},
              True: {8: (1.5, 2.4), 32: (0.99, 1.07), 128: (0.98, 1.02)}}[heun]
@@ -237,13 +225,7 @@ def test_edm_sde_without_churn_is_heun_and_with_churn_converges_on_gaussian_data
     from ddpmkit.sdk.ode import ODESampler
 
     mu, s2 = 0.5, 0.25
-    process = _edm()
-
-    def net(x_in, c):
-        sigma = (c.double() * 4).exp().view(-1, 1, 1, 1)
-        x = x_in.double() / process.c_in(sigma)
-        d = mu + s2 / (s2 + sigma ** 2) * (x - mu)
-        return ((d - process.c_skip(sigma) * x) / process.c_out(sigma)).float()
+    process, net = _gaussian_networks(mu, s2)["edm"]
 
     g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
     plain = build_sampler("edm-sde", {"steps": 12, "s_churn": 0.0}, process)[0]

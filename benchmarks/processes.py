@@ -33,7 +33,8 @@ def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path) 
     npz = work / f"{Path(run).name}-{sampler}-{steps}.npz"
     t0 = time.perf_counter()
     subprocess.run(["ddpmkit", "sample", run, "-n", str(n), "--format", "npz", "--out", str(npz), "--sampler", sampler,
-                    "--steps", str(steps), "--no-progress", "--seed", "0"], check=True, capture_output=True)
+                    *(["--steps", str(steps)] if sampler != "ddpm" else []),  # ddpm always takes all T steps
+                    "--no-progress", "--seed", "0"], check=True, capture_output=True)
     seconds = time.perf_counter() - t0
     out = work / (npz.stem + ".json")
     subprocess.run(["ddpmkit", "evaluate", "--images", str(npz), "--metric", "kid,precision-recall,digit-score",
@@ -57,7 +58,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     plan = [(p, s, f(k), k) for p in runs for s, f in SAMPLERS[p].items()
-            for k in map(int, args.calls.split(",")) if f(k)]
+            for k in map(int, filter(None, args.calls.split(","))) if f(k)]
     for item in args.extra:
         p, s, steps = item.split(":")
         calls = 2 * int(steps) - 1 if s == "heun" else int(steps)

@@ -214,8 +214,25 @@ def test_an_edm_run_trains_and_samples_with_guidance(tmp_path):
     assert r.exit_code == 0, r.output
     pipe = ddpmkit.load_checkpoint(run)
     assert pipe.diffusion.name == "edm" and pipe.config.process.options == {}
+    assert pipe.config.loss.name == "mse" and "meant to train with loss" not in r.output  # edm's own loss
     x = pipe.sample(4, seed=1, sampler="euler", sampler_options={"steps": 4}, guidance=2.0)
     assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_edm_trains_with_mse_unless_the_user_names_a_loss_and_another_loss_is_noted():
+    """The laptop preset's smooth-L1 breaks EDM's λ(σ) weighting (docs/processes.md): switching to edm
+    switches to mse; a loss the user names is kept, with one note; vp and flow keep the preset's."""
+    from ddpmkit.run.assembly import assemble
+    from ddpmkit.run.presets import resolve_run_config
+
+    assert resolve_run_config(None, {"process": "edm"}).loss.name == "mse"
+    assert resolve_run_config(None, {"process": "flow"}).loss.name == "smoothl1"
+    assert resolve_run_config(None).loss.name == "smoothl1"
+    kept = resolve_run_config("tiny", {"process": "edm", "loss": "smoothl1", "sampler": "euler"}, {"dataset": {"limit": "8"}},
+                              {"clip_sample": False})
+    assert kept.loss.name == "smoothl1"
+    notes = [n for n in assemble(kept).notes if "meant to train with loss 'mse'" in n]
+    assert len(notes) == 1 and "this run uses 'smoothl1'" in notes[0], notes
 
 
 def test_edm_sde_without_churn_is_heun_and_with_churn_converges_on_gaussian_data():
@@ -294,7 +311,7 @@ def _gaussian_networks(mu: float, s2: float):
 def test_the_ode_likelihood_equals_the_exact_gaussian_log_density(name):
     """log p(x) through each process's ODE (exact divergence, Heun) against the closed-form log-density
     of N(μ, s²I) at 16 dimensions: the error shrinks as steps grow and is within the stated bound at
-    128 steps (measured: flow 0.0071 → 0.0004 nats, edm 0.84 → 0.070, vp 0.97 → 0.082, from 32 to
+    128 steps (measured: flow 0.0071 → 0.0004 nats, edm 0.84 → 0.070, vp 1.30 → 0.094, from 32 to
     128 steps; log p ≈ −14). Hutchinson's estimate agrees here (the Jacobian is a multiple of I)."""
     import math
 
@@ -310,6 +327,22 @@ def test_the_ode_likelihood_equals_the_exact_gaussian_log_density(name):
     assert fine < bound and fine < coarse / 5, (coarse, fine)
     hutchinson = log_likelihood(process, net, x, steps=128, probes=2, generator=torch.Generator().manual_seed(0))
     assert (hutchinson - exact).abs().max().item() < bound
+
+
+def test_the_vp_likelihood_always_starts_at_the_first_training_timestep():
+    """vp's likelihood grid: training σ's, descending, from t = T − 1 to t = 0 at every step count, so
+    more steps refine one integral (the sampling grid would start near t = T/steps: at 32 steps on
+    T = 1000, σ_30 instead of σ_0, and the data read as carrying that much noise)."""
+    from ddpmkit.sdk.ode import ode_view
+
+    view = ode_view(_gaussian_networks(0.5, 0.25)["vp"][0])
+    for steps in (8, 32, 128, 999):
+        grid = view.likelihood_grid(steps)
+        assert grid[0] == view.sigmas[-1] and grid[-1] == view.sigmas[0] and (grid[:-1] > grid[1:]).all()
+        assert len(grid) == steps + 1
+    assert view.grid(32)[-2] > 3 * view.sigmas[0]
+    with pytest.raises(ddpmkit.DdpmkitError, match="more than the model's T − 1 = 999"):
+        view.likelihood_grid(1000)
 
 
 def test_ode_nll_scores_every_process_on_held_out_images(tmp_path):

@@ -156,6 +156,10 @@ def test_two_postgresql_workers_share_one_study(tmp_path, digit_cache):
     ('lr = {gaussian = [1, 2]}', "is malformed"),
     ('schedule = ["linear", "cosinus"]', "cosinus"),
     ('lr = 1e-3', "nothing to search"),
+    ('process = ["vp", "flow"]\n"process.flow.tme" = ["uniform"]', "tme"),
+    ('process = ["vp", "flow"]\n"process.flwo.time" = ["uniform"]', "flwo"),
+    ('process = ["vp", "flow"]\n"process.flow.time" = ["uniform", "cubic"]', "cubic"),
+    ('lr = [1e-3, 2e-3]\n"metric.kid.subsets" = [2, 3]', "KIND.COMPONENT.OPTION needs a kind chosen per run"),
     ('lr = [1e-3, 2e-3]\n[[enqueue]]\nlr = 5e-3', "[[enqueue]] #1: lr = 0.005 is outside [0.001, 0.002]"),
     ('lr = [1e-3, 2e-3]\n[[enqueue]]\nbatch_size = 8', "[[enqueue]] #1 sets 'batch_size', which is not searched"),
 ])
@@ -166,6 +170,28 @@ def test_a_bad_space_is_one_line_and_exit_2(tmp_path, body, says):
     assert r.exit_code == 2, r.output
     assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_a_sweep_searches_over_the_process_and_each_process_s_own_options(tmp_path, digit_cache):
+    """process = [vp, flow, edm] with options that only one process has (process.COMPONENT.OPTION): each
+    trial trains its process with only its own options, through a sampler that serves all three."""
+    sp = space(tmp_path, 'max_steps = 3\neval_samples = 8\nclip_sample = false\nsampler = "heun"\n'
+                         '"sampler.steps" = 2\nprocess = ["vp", "flow", "edm"]\n'
+                         '"process.flow.time" = ["uniform", "logit-normal"]\n"process.edm.p_mean" = {uniform = [-1.5, -0.9]}\n'
+                         '[[enqueue]]\nprocess = "vp"\n[[enqueue]]\nprocess = "flow"\n"process.flow.time" = "logit-normal"\n'
+                         '[[enqueue]]\nprocess = "edm"\n"process.edm.p_mean" = -1.0\n')
+    sweep_here(tmp_path, sp, "--metric", "digit-score", "--trials", "3", "--set", f"metric.cache_dir={digit_cache}",
+               "--study", "proc")
+    trials = trials_of(f"sqlite:///{tmp_path / 'runs' / 'proc' / 'optuna.db'}", "proc")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    seen = {}
+    for t in trials:
+        config = json.loads((Path(t.user_attrs["run_dir"]) / "config.json").read_text())["components"]
+        seen[config["process"]["name"]] = config["process"]["options"]
+        assert config["sampler"]["name"] == "heun"
+    assert set(seen) == {"vp", "flow", "edm"} and seen["vp"] == {}, seen
+    assert seen["flow"]["time"] == "logit-normal" and "p_mean" not in seen["flow"]
+    assert seen["edm"]["p_mean"] == -1.0 and "time" not in seen["edm"]
 
 
 def test_other_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -345,6 +345,10 @@ def assemble(config: RunConfig) -> RunParts:
         model, pred_cfg = build_predictor(config, shape)
         notes = [f"labels, but predictor '{config.predictor.name}' takes none: unconditional"]
     notes += [str(n) for n in getattr(model, "notes", ())]
+    wanted = getattr(component(config, "process").factory, "default_loss", None)
+    if wanted and config.loss.name != wanted:  # e.g. edm's λ(σ) weighting holds for a squared error only
+        notes.append(f"process '{config.process.name}' is meant to train with loss '{wanted}'; this run uses "
+                     f"'{config.loss.name}' (edm with smoothl1: noisy samples, docs/processes.md)")
     if config.min_snr_gamma:
         try:
             loss(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")

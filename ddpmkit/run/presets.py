@@ -120,6 +120,10 @@ def resolve_run_config(preset: str | None, names: dict | None = None, overrides:
         spec = getattr(config, section)
         if names.get(section, spec.name) != spec.name:
             spec.name, spec.options = names[section], {}
+            default_loss = getattr(registry.get_component(section, spec.name).factory, "default_loss", None) \
+                if section == "process" else None
+            if default_loss and "loss" not in names:  # a process's own loss, unless the user chose one
+                names = {**names, "loss": default_loss}
         elif section in tied:  # the preset's own component, fitted to the preset's dataset: refit it
             spec.options.update(tied[section])
         if section == "dataset" and config.preset in ("mnist", "aircraft") \

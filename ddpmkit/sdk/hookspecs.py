@@ -61,6 +61,10 @@ def register_processes(register: Register) -> None:
     device, dtype)``, ``grid(steps, device)`` (times from the prior to 0), ``net_input(x, t)`` and
     ``net_time(t)`` (what the network gets: its image input, and its noise level as a float) and
     ``drift(output, x, t)`` (dx/dt).
+
+    Optional attribute of the factory: ``default_loss`` (a loss name, e.g. edm's ``"mse"``): a run that
+    switches to this process trains with that loss unless the user names one (``--loss``); a run with
+    another loss is told so in one note.
     """
 
 

@@ -59,6 +59,20 @@ class VPODE:
         ts = self.timesteps(steps)
         return torch.cat([self.sigmas[ts], self.sigmas.new_zeros(1)]).to(device)
 
+    def likelihood_grid(self, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """σ's for the likelihood, descending: training timesteps spaced evenly in log σ from t = T − 1
+        down to t = 0, always ending at t = 0 (σ_1 = √(β_1/(1 − β_1))), so that more steps refine one
+        integral rather than moving its start. (The sampling grid's trailing spacing starts near
+        t = T/steps; the dequantized data would be read as if it carried that σ of noise.)"""
+        T = self.diffusion.num_timesteps
+        if steps > T - 1:
+            raise DdpmkitError(f"--steps {steps} is more than the model's T − 1 = {T - 1}")
+        want = torch.linspace(math.log(self.sigmas[0]), math.log(self.sigmas[-1]), steps + 1, dtype=torch.float64)
+        idx: list[int] = []
+        for k, t in enumerate(self._t(want.exp()).tolist()):  # distinct: nudge up where rounding collides
+            idx.append(min(max(t, idx[-1] + 1 if idx else 0), T - 1 - (steps - k)))
+        return self.sigmas[idx[::-1]].to(device)
+
     def _t(self, sigma: torch.Tensor) -> torch.Tensor:
         """The training timestep of each σ on the table (the grid's σ's are on it)."""
         return (self.sigmas.to(sigma.device).view(1, -1) - sigma.double().view(-1, 1)).abs().argmin(dim=1)
@@ -170,9 +184,12 @@ def log_likelihood(process: Any, model: Callable[..., torch.Tensor], x: torch.Te
         process = copy.copy(process)
         process.clip_sample = False
     view = ode_view(process)
-    ts = view.grid(steps, x.device).flip(0)
-    if float(ts[0]) == 0.0 and not getattr(view, "ode_starts_at_zero", False):
-        ts = ts[1:]
+    if hasattr(view, "likelihood_grid"):  # a grid of its own for the likelihood (vp: from t = 0, even in log σ)
+        ts = view.likelihood_grid(steps, x.device).flip(0)
+    else:
+        ts = view.grid(steps, x.device).flip(0)
+        if float(ts[0]) == 0.0 and not getattr(view, "ode_starts_at_zero", False):
+            ts = ts[1:]
     b = x.shape[0]
 
     def f_div(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,8 +76,15 @@ def _target(name: str, where: str) -> tuple[str, ...]:
         return ("component", name)
     kind, dot, option = name.partition(".")
     if dot:
-        if kind not in KINDS or not option:
-            raise DdpmkitError(f"{where}: unknown parameter '{name}': KIND.OPTION needs a kind among {', '.join(KINDS)}")
+        if kind not in KINDS or not option or option.startswith(".") or option.endswith("."):
+            raise DdpmkitError(f"{where}: unknown parameter '{name}': KIND.OPTION (or KIND.COMPONENT.OPTION) needs "
+                               f"a kind among {', '.join(KINDS)}")
+        component, dot, qualified = option.partition(".")
+        if dot:  # KIND.COMPONENT.OPTION: only for trials that choose COMPONENT (e.g. process.flow.time)
+            if kind not in SECTIONS:
+                raise DdpmkitError(f"{where}: '{name}': KIND.COMPONENT.OPTION needs a kind chosen per run "
+                                   f"({', '.join(SECTIONS)})")
+            return ("option", kind, qualified, component)
         return ("option", kind, option)
     if name in fields:
         return ("field", name)
@@ -185,12 +192,20 @@ def _corners(space: Space) -> list[dict]:
 
 def _check_values(space: Space, where: str, base_changes: dict | None, base_overrides: dict | None) -> None:
     # Component choices first (a bad name gets its own line), then options against every component chosen.
-    for p in space.params:
-        if _target(p.name, where)[0] == "component":
-            from ddpmkit.sdk.registry import get_component
+    from ddpmkit.sdk.registry import get_component
 
+    for p in space.params:
+        target = _target(p.name, where)
+        if target[0] == "component":
             for name in (p.values if p.kind in ("fixed", "choice") else ()):
                 get_component(p.name, str(name))
+        elif len(target) == 4:  # KIND.COMPONENT.OPTION: every value against that component's options
+            comp = get_component(target[1], target[3])
+            for value in (p.values if p.kind in ("fixed", "choice") else p.values[:2]):
+                try:
+                    comp.build_config({target[2]: _option_text(value)})
+                except DdpmkitError as exc:
+                    raise DdpmkitError(f"{where}: '{p.name}': {exc}") from None
     for row in _corners(space):
         try:
             trial_config(space.preset, row, base_changes, base_overrides)
@@ -198,21 +213,31 @@ def _check_values(space: Space, where: str, base_changes: dict | None, base_over
             raise DdpmkitError(f"{where}: {exc}") from None
 
 
+def _option_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def trial_config(preset: str | None, values: dict[str, Any], base_changes: dict | None = None,
                  base_overrides: dict | None = None):
     """The RunConfig of a trial: ``preset`` with the space's ``values`` (``{key: value}``) applied."""
-    from ddpmkit.run.presets import resolve_run_config
+    from ddpmkit.run.presets import preset_config, resolve_run_config
 
     names: dict[str, str] = {}
     overrides: dict[str, dict[str, str]] = {k: dict(v) for k, v in (base_overrides or {}).items()}
     changes: dict[str, Any] = dict(base_changes or {})
+    qualified = []
     for key, value in values.items():
         target = _target(key, "space")
         if target[0] == "component":
             names[key] = str(value)
+        elif target[0] == "option" and len(target) == 4:
+            qualified.append((target, value))
         elif target[0] == "option":
-            overrides.setdefault(target[1], {})[target[2]] = str(value).lower() if isinstance(value, bool) else str(value)
+            overrides.setdefault(target[1], {})[target[2]] = _option_text(value)
         else:
             changes[key] = value
+    for (_, kind, option, component), value in qualified:  # only where the trial chose that component
+        if names.get(kind, getattr(preset_config(preset), kind).name) == component:
+            overrides.setdefault(kind, {})[option] = _option_text(value)
     changes = list_kind_changes(changes, overrides)
     return resolve_run_config(preset, names, overrides, changes)

@@ -159,6 +159,11 @@ def make(config: EDMConfig, *, clip_sample: bool = False, prediction: str = "eps
     return EDMProcess(config, clip_sample=clip_sample)
 
 
+# EDM's objective λ(σ)·‖D − x_0‖² is the plain squared error of F against its target (λ·c_out² = 1),
+# so the process trains with ``mse`` unless the user names a loss (smooth-L1 breaks the weighting).
+make.default_loss = "mse"
+
+
 @ddpmkit.hookimpl
 def register_processes(register):
     register("edm", make, EDMConfig, "EDM (Karras et al. 2022): σ-parameterised, preconditioned, log-normal σ, ρ-grid")

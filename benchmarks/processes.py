@@ -5,6 +5,7 @@ confidence beside them).
 
     python benchmarks/processes.py --runs vp=RUN_VP edm=RUN_EDM flow=RUN_FLOW --real REAL_DIR \\
         [-n 1000] [--calls 1,2,4,8,16,32] [--out processes.json]
+    python benchmarks/processes.py --plot vp.json flow.json edm.json --out docs/processes.png
 
 Each run is an ordinary run directory (``ddpmkit run --process P --sampler S --out RUN``); REAL_DIR
 holds real test digits as PNGs (``python benchmarks/real_digits.py ../shared/data/mnist REAL_DIR -n 1000``).
@@ -44,7 +45,50 @@ def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path) 
     return {"seconds": seconds, **{k: r[k] for k in ("kid", "precision", "recall", "digit_is", "digit_confidence")}}
 
 
+def plot(tables: list[str], out: str) -> None:
+    """KID and recall against network calls, one line per process and sampler, from the JSON tables this
+    script wrote (``--plot vp.json flow.json edm.json --out docs/processes.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for t in tables for r in json.loads(Path(t).read_text())]
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        lines.setdefault((r["process"], r["sampler"]), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    maps = {"vp": plt.cm.Blues, "flow": plt.cm.Greens, "edm": plt.cm.Oranges}  # a colour family per process
+    for process in sorted({p for p, _ in lines}):
+        samplers = sorted(s for p, s in lines if p == process)
+        for i, sampler in enumerate(samplers):
+            rs = sorted(lines[process, sampler], key=lambda r: r["calls"])
+            colour = maps.get(process, plt.cm.Greys)(0.45 + 0.5 * i / max(1, len(samplers) - 1))
+            style = {"vp": "-", "flow": "--", "edm": ":"}.get(process, "-.")
+            marker = {"heun": "s", "euler": "o", "ddim": "^", "euler-ancestral": "D", "ddpm": "*"}.get(sampler, "v")
+            for ax, key in zip(axes, ("kid", "recall")):
+                ax.plot([r["calls"] for r in rs], [r[key] for r in rs], style, color=colour, marker=marker, ms=5,
+                        label=f"{process} · {sampler}")
+    for ax, key in zip(axes, ("KID (digit-classifier features; lower is better)", "recall (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("network calls")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("1,000 samples against 1,000 held-out MNIST test digits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main() -> None:
+    if "--plot" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--plot", nargs="+", required=True, help="JSON tables written by this script")
+        ap.add_argument("--out", default="processes.png")
+        args = ap.parse_args()
+        return plot(args.plot, args.out)
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="PROCESS=RUN_DIR ...")
     ap.add_argument("--real", required=True)
@@ -61,7 +105,7 @@ def main() -> None:
             for k in map(int, filter(None, args.calls.split(","))) if f(k)]
     for item in args.extra:
         p, s, steps = item.split(":")
-        calls = 2 * int(steps) - 1 if s == "heun" else int(steps)
+        calls = 2 * int(steps) - 1 if s in ("heun", "edm-sde") else int(steps)  # (their last step is Euler's)
         plan.append((p, s, int(steps), calls))
     for process, sampler, steps, calls in plan:
         res = evaluate(runs[process], sampler, steps, args.n, args.real, work)

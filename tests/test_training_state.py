@@ -43,7 +43,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
              # improved DDPM's recipe: the loss-aware timestep sampler's history (full after ~19 of the 120
              # steps, then t is importance-sampled) is training state too
              "--loss", "hybrid", "--learn-variance", "--timestep-sampler", "loss-aware",
-             "--lr-decay", "cosine"]  # the learning rate after a resume follows the same curve
+             "--lr-decay", "cosine",  # the learning rate after a resume follows the same curve
+             "--posthoc-ema", "0.05,0.10"]  # post-hoc EMA profiles are training state; snapshots every 8 steps
     ref = tmp_path / "ref"
     r = subprocess.run(ddpmkit_cmd("run", *BASE, *steps, "--out", str(ref)), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -73,6 +74,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert_same(tensors(ref / "checkpoints" / "step-00000120.safetensors"),
                 tensors(killed / "checkpoints" / "step-00000120.safetensors"))
     assert_same(load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors")))
+    snaps = sorted(p.name for p in (ref / "posthoc-ema").iterdir())
+    assert len(snaps) == 30 and snaps == sorted(p.name for p in (killed / "posthoc-ema").iterdir())
+    for name in snaps:  # the profiles resumed with the run (a snapshot past the last checkpoint was rewritten)
+        assert_same(load_file(str(ref / "posthoc-ema" / name)), load_file(str(killed / "posthoc-ema" / name)))
     # keep the last 3; the temporary file is cleaned up
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert names == ["step-00000100.safetensors", "step-00000110.safetensors", "step-00000120.safetensors"]

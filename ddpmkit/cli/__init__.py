@@ -14,6 +14,7 @@ import click
 
 from ddpmkit.cli import _common
 from ddpmkit.cli._common import plain
+from ddpmkit.cli.ema import ema_cmd
 from ddpmkit.cli.evaluate import analyze, evaluate
 from ddpmkit.cli.export import export_cmd
 from ddpmkit.cli.plugins import plugins_cmd
@@ -72,7 +73,7 @@ def cli(ctx, debug):
             warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
-for _command in (run, sample, evaluate, analyze, report, export_cmd, sweep, plugins_cmd):
+for _command in (run, sample, evaluate, analyze, report, export_cmd, ema_cmd, sweep, plugins_cmd):
     cli.add_command(_command)
 
 

@@ -20,7 +20,7 @@ from ddpmkit.sdk.kinds import SECTIONS
 
 # Flags of `ddpmkit run` that set a RunConfig field of the same name (None: not given).
 RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
-              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "warmup_steps", "lr_decay", "grad_accum",
+              "num_workers", "prediction", "min_snr_gamma", "ema_decay", "posthoc_ema", "warmup_steps", "lr_decay", "grad_accum",
               "grad_clip", "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
               "eval_samples", "class_conditional", "label_dropout")
 
@@ -93,6 +93,9 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 @click.option("--workers", "num_workers", type=int, default=None,
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
+@click.option("--posthoc-ema", "posthoc_ema", default=None, is_flag=False, flag_value="0.05,0.10", metavar="[SIGMA_RELS]",
+              help="Track power-function EMA profiles of these relative lengths (default 0.05,0.10, EDM2's) and "
+                   "store 16 snapshots of each in RUN/posthoc-ema/; `ddpmkit ema RUN --sigma-rel X` rebuilds any length.")
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Learning-rate warm-up steps.")
 @click.option("--lr-decay", type=click.Choice(LR_DECAYS), default=None,
               help="After the warm-up: keep the learning rate (constant) or bring it down to 0 at the last step.")

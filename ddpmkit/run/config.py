@@ -42,6 +42,20 @@ class ComponentSpec:
     options: dict[str, Any] = attrs.field(factory=dict)
 
 
+def _sigma_rels(value: Any) -> tuple[float, ...]:
+    """``--posthoc-ema 0.05,0.10`` (or a list) → (0.05, 0.1), each in (0, √(1/12)), distinct."""
+    if value is None or value == "" or value is False:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"posthoc_ema: relative EMA lengths such as 0.05,0.10, got {value!r}") from None
+    if any(not 0 < v < (1 / 12) ** 0.5 for v in out) or len(set(out)) != len(out):
+        raise ValueError(f"posthoc_ema: distinct relative EMA lengths in (0, 0.2887), got {value!r}")
+    return out
+
+
 @attrs.define
 class RunConfig:
     """Everything ``ddpmkit run`` needs. Defaults are the laptop-sized run.
@@ -72,6 +86,10 @@ class RunConfig:
     # After the warm-up the learning rate stays (constant) or falls to 0 at the last step (cosine, linear)
     lr_decay: str = attrs.field(default="constant", validator=attrs.validators.in_(LR_DECAYS))
     ema_decay: float | None = attrs.field(default=None, validator=_decay)
+    # Post-hoc EMA (EDM2): the relative lengths σ_rel of the power-function EMA profiles tracked and
+    # snapshotted during training (``ddpmkit ema`` reconstructs any length from them); (): off
+    posthoc_ema: tuple[float, ...] = attrs.field(default=(), converter=_sigma_rels)
+    posthoc_ema_every: int | None = attrs.field(default=None, validator=_positive)  # steps; None: 1/16 of the run
     seed: int = 0
     variance_type: str = attrs.field(default="fixed_small", validator=attrs.validators.in_(VARIANCE_TYPES))
     clip_sample: bool = False

@@ -26,7 +26,7 @@ from ddpmkit.errors import DdpmkitError
 LOCK_NAME = ".ddpmkit.lock"
 # What a run writes; --overwrite removes these and leaves anything else in the directory alone.
 RUN_FILES = ("config.json", "model.safetensors", "checkpoints", "metrics.jsonl", "samples.png", "samples",
-             "forward.png", "loss.png", "tb", "eval.json")
+             "forward.png", "loss.png", "tb", "eval.json", "posthoc-ema")
 
 
 def contents(run_dir: Path) -> list[str]:

@@ -41,6 +41,7 @@ from ddpmkit.run.assembly import assemble, build_loggers, build_many, probe
 from ddpmkit.run.config import ComponentSpec, RunConfig
 from ddpmkit.run.model_file import save_model_file
 from ddpmkit.run.pipeline import Pipeline, resolve_device, save_grid
+from ddpmkit.run.posthoc_ema import PowerEMA, snapshot_every
 from ddpmkit.run.progress import make_progress, sample_with_progress
 from ddpmkit.run.rundir import RunLock, check_new_run_dir, clear_run_files
 from ddpmkit.run.signals import on_stop_signals
@@ -376,6 +377,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         probe(self.parts, device)
         self.optimizer, self.scheduler, self.ema, self.ema_model, self.net = self._optimisation()
+        self.phema = PowerEMA(self.model, config.posthoc_ema) if config.posthoc_ema else None
+        self.phema_every = snapshot_every(self.total, config.posthoc_ema_every)
         self.noise_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
         # The loader gets its own generator: creating an iterator must not draw from the global RNG
         # (dropout's), or a resumed run would drift from an uninterrupted one.
@@ -445,6 +448,8 @@ class Trainer:
         if self.ema is not None:
             tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
             ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        if self.phema is not None:
+            tensors.update(self.phema.tensors())
         tensors.update(rng_tensors(self.noise_gen))
         ts = self.parts.timestep_sampler
         meta = {"state": attrs.asdict(self.state), "optimizer": groups, "ema": ema_meta,
@@ -466,6 +471,8 @@ class Trainer:
                 raise DdpmkitError(f"{source} has no EMA weights but this run uses EMA")
             shadow = [tensors[f"ema.{i}"].to(self.dev) for i in range(len(self.ema.shadow_params))]
             self.ema.load_state_dict({**meta["ema"], "shadow_params": shadow})
+        if self.phema is not None:
+            self.phema.load_tensors(tensors, source)
         ts = self.parts.timestep_sampler
         if meta.get("timestep_sampler") is not None and hasattr(ts, "load_state_dict"):
             ts.load_state_dict(meta["timestep_sampler"])
@@ -561,6 +568,10 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.step(self.model.parameters())
+        if self.phema is not None:
+            self.phema.update(self.model, self.state.step + 1)
+            if self.dist.main and ((self.state.step + 1) % self.phema_every == 0 or self.state.step + 1 == self.total):
+                self.phema.save_snapshots(self.model, self.run_dir, self.state.step + 1, self.parts.resolved)
         self.state.step += 1
         self.state.batch += 1
         self.images_seen += c.batch_size

@@ -11,11 +11,11 @@ A sweep is an Optuna study. The search space is a TOML file::
 
 Keys are RunConfig fields (``lr``, ``batch_size``, ``max_steps``, ``ema_decay``, ``prediction``, ...),
 component names (``schedule``, ``process``, ``loss``, ``predictor``, ``sampler``, ``dataset``,
-``timestep_sampler``) or component options (``KIND.OPTION``; ``KIND.COMPONENT.OPTION`` for an option set
-only in trials that choose that component, e.g. ``"process.flow.time"``). A value is fixed (a scalar), a choice (a list), or a range: a table
-with one of ``uniform``, ``log_uniform``, ``int``, ``log_int`` (``[low, high]``, both included; ``step``
-optional) or ``choice``. ``[[enqueue]]`` tables name trials to run first (e.g. the preset's own values, as
-a baseline measured the same way)::
+``timestep_sampler``) or component options (``KIND.OPTION``; ``KIND.COMPONENT.OPTION`` for an option
+set only in trials that choose that component, e.g. ``"process.flow.time"``). A value is fixed (a
+scalar), a choice (a list), or a range: a table with one of ``uniform``, ``log_uniform``, ``int``,
+``log_int`` (``[low, high]``, both included; ``step`` optional) or ``choice``. ``[[enqueue]]`` tables
+name trials to run first (e.g. the preset's own values, as a baseline measured the same way)::
 
     [[enqueue]]
     lr = 2e-3

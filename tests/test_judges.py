@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
 def test_real_digits_score_like_real_and_noised_ones_do_not_under_either_judge(digit_cache):
     from ddpmkit_plugins.metrics.digit_judges import REFERENCE, mnist_test
 
-    judges = ddpmkit.build("metric", "digit-judges", {"data_root": str(SHARED_MNIST), "cache_dir": str(digit_cache),
+    judges = ddpmkit.build("metric", "digit-judges", {"mnist_root": str(SHARED_MNIST), "cache_dir": str(digit_cache),
                                                        "train_limit": 3000, "epochs": 3})
     x, y = mnist_test(str(SHARED_MNIST))
+    with torch.inference_mode():  # as `ddpmkit evaluate` calls metrics: the judge still trains on first use
+        judges(x[3000:3100])
     unseen_x, unseen_y = x[3000:-REFERENCE], y[3000:-REFERENCE]  # neither judge trained on these, nor are they the reference
     idx = torch.cat([torch.nonzero(unseen_y == k)[:30, 0] for k in range(10)])
     real, labels = unseen_x[idx], unseen_y[idx]

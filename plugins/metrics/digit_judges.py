@@ -17,7 +17,8 @@ were asked for (``context.labels``), else equal counts per class. For each judge
 ``J_is`` (the classifier Inception Score), ``J_confidence`` (mean max_y p(y|x)), ``J_classes_present``,
 the same on the real digits (``J_is_real``, ``J_confidence_real``), the ratios ``J_is_ratio`` and
 ``J_confidence_ratio``, and ``J_accuracy`` (held-out accuracy); ``judges_min_is_ratio`` is the weakest
-IS ratio. Needs the MNIST test split (``data_root``: where the ``mnist`` dataset finds it).
+IS ratio. Needs the MNIST test split (``mnist_root``: where the ``mnist`` dataset finds it; its own
+option, so that ``kid``'s ``data_root`` can point elsewhere in the same command).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ REFERENCE = 2000  # the test split's last 2,000 digits (seeded order): the real 
 class DigitJudgesConfig:
     """Options of ``digit-judges``.
 
-    data_root: where the ``mnist`` dataset finds (or downloads) MNIST. Default: its own default.
+    mnist_root: where the ``mnist`` dataset finds (or downloads) MNIST. Default: its own default.
     cache_dir: where the trained judges are kept. Default ``<cache>/ddpmkit/models``.
     train_limit: test-split digits the ``resnet`` judge trains on (at most 8,000). Default 8000.
     epochs: the ``resnet`` judge's training epochs. Default 4.
     """
 
-    data_root: str | None = None
+    mnist_root: str | None = None
     cache_dir: str | None = None
     train_limit: int = attrs.field(default=8000, validator=[attrs.validators.ge(100), attrs.validators.le(8000)])
     epochs: int = attrs.field(default=4, validator=attrs.validators.ge(1))
@@ -74,6 +75,11 @@ def train_resnet(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: 
     then batch norm's running statistics are recomputed over the training images with the final
     weights (the running averages trail weights that Adam moves fast: 15–77 % held-out accuracy
     without it, 96 % with it, measured at 1–3 epochs)."""
+    with torch.inference_mode(False), torch.enable_grad():  # (evaluate runs metrics in inference mode)
+        return _train_resnet(images.clone(), labels.clone(), epochs, seed)
+
+
+def _train_resnet(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model, g = resnet(), torch.Generator().manual_seed(seed)
     x = to_input(images)
@@ -152,7 +158,7 @@ class DigitJudges:
         else:
             counts = torch.full((10,), len(images) // 10)
             counts[:len(images) % 10] += 1
-        test_x, test_y = mnist_test(self.config.data_root)
+        test_x, test_y = mnist_test(self.config.mnist_root)
         real = reference(test_x, test_y, counts)
         cnn = load_classifier(self.config.cache_dir)
         with torch.inference_mode():

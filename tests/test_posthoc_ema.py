@@ -84,7 +84,7 @@ def test_a_run_stores_profiles_and_ddpmkit_ema_rebuilds_and_scores_lengths(tmp_p
     state, _, x = reconstruct(run, 0.10)
     stored = load_file(str(run / "posthoc-ema" / "phema-1-00000008.safetensors"))
     assert max(float((state[k] - stored[k]).abs().max()) for k in stored) <= 1e-6
-    r = CliRunner().invoke(cli, ["ema", str(run), "--sigma-rel", "0.04,0.08", "--metric", "digit-score", "-n", "8",
+    r = CliRunner().invoke(cli, ["ema", str(run), "--sigma-rel", "0.04,0.08", "--metric", "digit-score,kid", "-n", "8",
                                  "--set", f"metric.cache_dir={digit_cache}", "--no-progress", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     import json

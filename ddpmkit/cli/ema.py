@@ -29,7 +29,8 @@ def _lengths(text: str) -> list[float]:
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="With one length: the model file to write (default RUN/ema-sigma-X.safetensors).")
 @click.option("--metric", "metric_names", multiple=True,
-              help="Score each length with these metrics (as `ddpmkit evaluate`) and report the best.")
+              help="Score each length with these metrics, comma-separated or repeated (as `ddpmkit evaluate`), and "
+                   "report the best.")
 @click.option("--objective", default=None, help="The result that picks the best (default: the first metric's own).")
 @click.option("-n", "--num", "n", type=int, default=1000, show_default=True, help="Images sampled per length.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -60,9 +61,10 @@ def ema_cmd(run_dir, sigma_rel, step, out, metric_names, objective, n, seed, sam
         files.append(path)
     if not metric_names:
         return
-    from ddpmkit.cli.evaluate import _evaluate
+    from ddpmkit.cli.evaluate import _evaluate, _metric_list
     from ddpmkit.run.assembly import build_many
 
+    metric_names = _metric_list(metric_names)
     metrics = build_many("metric", metric_names, {})
     first = metrics[metric_names[0]]
     key = objective or next(iter(getattr(first, "directions", {}) or {}), None)

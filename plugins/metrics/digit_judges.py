@@ -27,13 +27,12 @@ from pathlib import Path
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 import ddpmkit
 from ddpmkit.sdk.data import default_data_root
 from ddpmkit.sdk.metrics import check_images, inception_score, random_subset
 
-from .digit_score import load_classifier, to_input
+from .digit_score import fit, load_classifier, to_input
 
 VERSION = 1
 REFERENCE = 2000  # the test split's last 2,000 digits (seeded order): the real reference, never trained on
@@ -81,18 +80,8 @@ def train_resnet(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: 
 
 def _train_resnet(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model, g = resnet(), torch.Generator().manual_seed(seed)
     x = to_input(images)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=g)
-        for i in range(0, len(order), 128):
-            idx = order[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model = fit(resnet(), x, labels, epochs, 1e-3, torch.Generator().manual_seed(seed)).train()
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()

@@ -65,20 +65,25 @@ def train_classifier(epochs: int = 4, seed: int = 0) -> tuple[DigitCNN, float]:
                           mode="bilinear")
     train_x, train_y = torch.cat([train_x, small]), torch.cat([train_y, train_y])
     torch.manual_seed(seed)
-    model = DigitCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_y), generator=g)
-        for i in range(0, len(order), 128):
-            idx = order[i:i + 128]
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = fit(DigitCNN(), train_x, train_y, epochs, 2e-3, g)
     with torch.no_grad():
         acc = (model(test_x).argmax(1) == test_y).float().mean().item()
     return model, acc
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, g: torch.Generator) -> nn.Module:
+    """Adam at ``lr``, cross-entropy, batches of 128 in an order drawn from ``g``, ``epochs`` times; in eval mode after."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(order), 128):
+            idx = order[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
 
 
 def load_classifier(cache_dir: str | None = None) -> DigitCNN:

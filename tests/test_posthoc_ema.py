@@ -81,7 +81,8 @@ def test_a_run_stores_profiles_and_ddpmkit_ema_rebuilds_and_scores_lengths(tmp_p
     snaps = sorted(p.name for p in (run / "posthoc-ema").iterdir())
     assert len(snaps) == 16 and snaps[-1] == "phema-1-00000008.safetensors"  # every 1/16 of 8 steps: each step
     # the tracked length rebuilt is the tracked weights, to float32 rounding
-    state, _, x = reconstruct(run, 0.10)
+    state, _, x, step = reconstruct(run, 0.10)
+    assert step == 8
     stored = load_file(str(run / "posthoc-ema" / "phema-1-00000008.safetensors"))
     assert max(float((state[k] - stored[k]).abs().max()) for k in stored) <= 1e-6
     r = CliRunner().invoke(cli, ["ema", str(run), "--sigma-rel", "0.04,0.08", "--metric", "digit-score,kid", "-n", "8",

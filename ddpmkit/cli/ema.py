@@ -42,20 +42,18 @@ def _lengths(text: str) -> list[float]:
 def ema_cmd(run_dir, sigma_rel, step, out, metric_names, objective, n, seed, sampler, steps, sets, device, no_progress):
     """Rebuild the post-hoc EMA of RUN_DIR (trained with --posthoc-ema) at each relative length: a model
     file per length that `sample` and `evaluate` take; with --metric, score each and name the best."""
-    from ddpmkit.run.posthoc_ema import reconstruct, snapshots
+    from ddpmkit.run.posthoc_ema import reconstruct
     from ddpmkit.sdk.files import write_json, write_tensors
 
     lengths = _lengths(sigma_rel)
     if out and len(lengths) > 1:
         raise DdpmkitError("--out names one file: give one --sigma-rel, or none for RUN/ema-sigma-X.safetensors")
-    stored = snapshots(run_dir)
     files = []
     for s in lengths:
-        state, meta, weights = reconstruct(run_dir, s, step)
+        state, meta, weights, at = reconstruct(run_dir, s, step)
         path = Path(out) if out else Path(run_dir) / f"ema-sigma-{s:.3f}.safetensors"
-        last = max(t for _, _, t in stored if step is None or t <= step)
         write_tensors(path, state, {"format": meta["format"], "config": meta["config"],
-                                    "phema": json.dumps({"sigma_rel": s, "step": step or last, "reconstructed": True})})
+                                    "phema": json.dumps({"sigma_rel": s, "step": at, "reconstructed": True})})
         span = f"{float(weights.min()):+.3f}..{float(weights.max()):+.3f}"
         click.echo(f"σ_rel {s:.3f}: {len(weights)} snapshots (coefficients {span}) → {path}")
         files.append(path)

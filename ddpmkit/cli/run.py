@@ -15,6 +15,7 @@ from ddpmkit.cli._common import (
 from ddpmkit.diffusion import PREDICTIONS, VARIANCE_TYPES
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.run.config import LR_DECAYS
+from ddpmkit.run.posthoc_ema import DEFAULT_SIGMA_RELS
 from ddpmkit.run.presets import list_kind_changes
 from ddpmkit.sdk.kinds import SECTIONS
 
@@ -93,7 +94,8 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 @click.option("--workers", "num_workers", type=int, default=None,
               help="DataLoader worker processes (default: 0 for in-memory datasets, else up to 4).")
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay of the weights (e.g. 0.999); 0: off.")
-@click.option("--posthoc-ema", "posthoc_ema", default=None, is_flag=False, flag_value="0.05,0.10", metavar="[SIGMA_RELS]",
+@click.option("--posthoc-ema", "posthoc_ema", default=None, is_flag=False, metavar="[SIGMA_RELS]",
+              flag_value=",".join(map(str, DEFAULT_SIGMA_RELS)),
               help="Track power-function EMA profiles of these relative lengths (default 0.05,0.10, EDM2's) and "
                    "store 16 snapshots of each in RUN/posthoc-ema/; `ddpmkit ema RUN --sigma-rel X` rebuilds any length.")
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Learning-rate warm-up steps.")

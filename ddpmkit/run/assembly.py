@@ -348,7 +348,7 @@ def assemble(config: RunConfig) -> RunParts:
     wanted = getattr(component(config, "process").factory, "default_loss", None)
     if wanted and config.loss.name != wanted:  # e.g. edm's λ(σ) weighting holds for a squared error only
         notes.append(f"process '{config.process.name}' is meant to train with loss '{wanted}'; this run uses "
-                     f"'{config.loss.name}' (edm with smoothl1: noisy samples, docs/processes.md)")
+                     f"'{config.loss.name}' (see the process's own documentation)")
     if config.min_snr_gamma:
         try:
             loss(torch.zeros(2, 1), torch.ones(2, 1), reduction="none")

@@ -12,6 +12,7 @@ import attrs
 
 from ddpmkit.diffusion import PREDICTIONS, VARIANCE_TYPES
 from ddpmkit.errors import DdpmkitError
+from ddpmkit.run.posthoc_ema import SIGMA_REL_MAX
 from ddpmkit.sdk.kinds import SECTIONS
 
 # The choices of RunConfig's string fields (the CLI offers the same lists)
@@ -51,7 +52,7 @@ def _sigma_rels(value: Any) -> tuple[float, ...]:
         out = tuple(float(v) for v in items)
     except (TypeError, ValueError):
         raise ValueError(f"posthoc_ema: relative EMA lengths such as 0.05,0.10, got {value!r}") from None
-    if any(not 0 < v < (1 / 12) ** 0.5 for v in out) or len(set(out)) != len(out):
+    if any(not 0 < v < SIGMA_REL_MAX for v in out) or len(set(out)) != len(out):
         raise ValueError(f"posthoc_ema: distinct relative EMA lengths in (0, 0.2887), got {value!r}")
     return out
 

@@ -85,13 +85,14 @@ class PowerEMA:
             raise DdpmkitError(f"--posthoc-ema needs distinct relative lengths, got {list(self.sigma_rels)}")
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.names = [k for k, p in model.named_parameters() if p.dtype.is_floating_point]
-        self.shadows = [[p.detach().clone() for k, p in model.named_parameters() if k in self.names]
+        self._tracked = set(self.names)
+        self.shadows = [[p.detach().clone() for k, p in model.named_parameters() if k in self._tracked]
                         for _ in self.gammas]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step ``step`` (1-based: step 1 copies them)."""
-        params = [p for k, p in model.named_parameters() if k in self.names]
+        params = [p for k, p in model.named_parameters() if k in self._tracked]
         for gamma, shadow in zip(self.gammas, self.shadows):
             beta = (1 - 1 / step) ** (gamma + 1)
             torch._foreach_lerp_(shadow, params, 1 - beta)
@@ -143,9 +144,9 @@ def snapshots(run_dir: str | os.PathLike) -> list[tuple[Path, float, int]]:
 
 
 def reconstruct(run_dir: str | os.PathLike, sigma_rel: float, step: int | None = None
-                ) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
+                ) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor, int]:
     """The EMA of relative length ``sigma_rel`` at ``step`` (default: the last snapshot's) from a run's
-    snapshots: (state dict, the snapshots' model-file metadata, the coefficients)."""
+    snapshots: (state dict, the snapshots' model-file metadata, the coefficients, the step)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -160,13 +161,14 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rel: float, step: int | None =
     found = [s for s in found if s[2] <= step]  # a later snapshot holds weights from after step
     x = solve_weights([s[2] for s in found], [s[1] for s in found], step, sigma_rel_to_gamma(sigma_rel))
     out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for (path, _, _), w in zip(found, x.tolist()):
         for name, v in load_file(str(path)).items():
+            dtypes[name] = v.dtype
             if v.dtype.is_floating_point:
                 out[name] = out.get(name, torch.zeros_like(v, dtype=torch.float64)) + w * v.double()
             else:
                 out[name] = v
     with safe_open(str(found[-1][0]), "pt") as f:
         meta = dict(f.metadata() or {})
-    dtypes = {name: v.dtype for name, v in load_file(str(found[-1][0])).items()}
-    return {name: v.to(dtypes[name]) for name, v in out.items()}, meta, x
+    return {name: v.to(dtypes[name]) for name, v in out.items()}, meta, x, step

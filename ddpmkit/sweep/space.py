@@ -236,8 +236,9 @@ def trial_config(preset: str | None, values: dict[str, Any], base_changes: dict 
             overrides.setdefault(target[1], {})[target[2]] = _option_text(value)
         else:
             changes[key] = value
+    base = preset_config(preset) if any(t[1] not in names for t, _ in qualified) else None
     for (_, kind, option, component), value in qualified:  # only where the trial chose that component
-        if names.get(kind, getattr(preset_config(preset), kind).name) == component:
+        if (names[kind] if kind in names else getattr(base, kind).name) == component:
             overrides.setdefault(kind, {})[option] = _option_text(value)
     changes = list_kind_changes(changes, overrides)
     return resolve_run_config(preset, names, overrides, changes)

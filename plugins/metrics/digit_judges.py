@@ -138,6 +138,17 @@ class DigitJudges:
 
     def __init__(self, config: DigitJudgesConfig, *, device=None):
         self.config = config
+        self._loaded = None  # (test images, test labels, {judge: (model, accuracy)}), on first call
+
+    def _judges(self):
+        """The MNIST test split and the two judges with their held-out accuracies, loaded once."""
+        if self._loaded is None:
+            test_x, test_y = mnist_test(self.config.mnist_root)
+            cnn = load_classifier(self.config.cache_dir)
+            with torch.inference_mode():  # it never saw the test split
+                cnn_acc = float((cnn(to_input(test_x)).argmax(1) == test_y).double().mean())
+            self._loaded = test_x, test_y, {"cnn": (cnn, cnn_acc), "resnet": load_resnet(self.config, test_x, test_y)}
+        return self._loaded
 
     def __call__(self, images: torch.Tensor, progress=None, context=None) -> dict[str, float]:
         images = check_images(images, 2, "digit-judges images")
@@ -147,12 +158,8 @@ class DigitJudges:
         else:
             counts = torch.full((10,), len(images) // 10)
             counts[:len(images) % 10] += 1
-        test_x, test_y = mnist_test(self.config.mnist_root)
+        test_x, test_y, judges = self._judges()
         real = reference(test_x, test_y, counts)
-        cnn = load_classifier(self.config.cache_dir)
-        with torch.inference_mode():
-            cnn_acc = float((cnn(to_input(test_x)).argmax(1) == test_y).double().mean())  # it never saw the test split
-        judges = {"cnn": (cnn, cnn_acc), "resnet": load_resnet(self.config, test_x, test_y)}
         out: dict[str, float] = {}
         for name, (model, acc) in judges.items():
             fake, true = read(model, images.float()), read(model, real)

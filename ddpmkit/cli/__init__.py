@@ -1,5 +1,5 @@
 """The ``ddpmkit`` command line: the group, its one-line errors and exit codes, and its commands, one
-module per command group (run, sample, evaluate/analyze, report, export, sweep, plugins).
+module per command group (run, sample, evaluate/analyze, report, export, ema, distill, sweep, plugins).
 
 Exit codes: 0 done; 1 an unexpected error (one line; ``--debug`` for the traceback); 2 bad input
 (a :class:`~ddpmkit.errors.DdpmkitError`: one line saying what was wrong and what would be right);
@@ -14,6 +14,7 @@ import click
 
 from ddpmkit.cli import _common
 from ddpmkit.cli._common import plain
+from ddpmkit.cli.distill import distill_cmd
 from ddpmkit.cli.ema import ema_cmd
 from ddpmkit.cli.evaluate import analyze, evaluate
 from ddpmkit.cli.export import export_cmd
@@ -73,7 +74,7 @@ def cli(ctx, debug):
             warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
-for _command in (run, sample, evaluate, analyze, report, export_cmd, ema_cmd, sweep, plugins_cmd):
+for _command in (run, sample, evaluate, analyze, report, export_cmd, ema_cmd, distill_cmd, sweep, plugins_cmd):
     cli.add_command(_command)
 
 

@@ -153,6 +153,25 @@ def register_samplers(register: Register) -> None:
 
 
 @hookspec
+def register_distillers(register: Register) -> None:
+    """Register distillation methods: how ``ddpmkit distill`` turns a trained run (the teacher) into a
+    student that samples in a few network calls.
+
+    ``factory(config, *, process) -> distiller``, ``process`` the teacher's probability-flow ODE
+    (``ddpmkit.sdk.ode.ode_view``: ``grid``, ``prior``, ``q_sample``, ``drift``). A factory that cannot
+    serve the process, or a number of calls it cannot reach, raises ``DdpmkitError`` (one line). The
+    distiller has ``stages``, a list of :class:`~ddpmkit.sdk.distill.Stage` (training steps, and the
+    student's calls after them), ``sampler(calls) -> (name, options)`` (how the student is drawn), and
+    ``loss(student, teacher, x0, labels, stage, generator) -> scalar``, where ``student`` and ``teacher``
+    are drift functions ``f(x, t, labels) -> dx/dt`` (t float64 ``(B,)`` ODE times; ``labels`` long
+    ``(B,)`` or ``None``) and ``x0``, ``labels`` a batch of the teacher's training data. Optional:
+    ``chain = True`` (each stage's teacher is the previous stage's student: progressive distillation),
+    ``prepare(teacher, *, shape, num_classes, generator, directory, progress)`` (data built once before
+    training, kept in ``directory`` so a resumed distillation reuses it: reflow's couplings).
+    """
+
+
+@hookspec
 def register_timestep_samplers(register: Register) -> None:
     """Register timestep samplers: how Algorithm 1 draws t.
 

@@ -46,6 +46,8 @@ KIND_TABLE: tuple[Kind, ...] = (
     Kind("timestep_sampler", "register_timestep_samplers", ("num_timesteps",), "timestep_sampler",
          "how training draws t (uniform, importance sampling)"),
     Kind("metric", "register_metrics", ("device",), None, "sample-quality and model metrics"),
+    Kind("distiller", "register_distillers", ("process",), None,
+         "distillation methods: a trained run into a student that samples in a few calls"),
     Kind("logger", "register_loggers", ("run_dir", "run_config", "resume_step"), None,
          "where training results go (files, trackers)"),
 )

@@ -87,6 +87,10 @@ class VPODE:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * math.sqrt(
             1 + float(self.sigmas[-1]) ** 2)
 
+    def q_sample(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x̃ = x_0 + σ·ε: a training image noised to ODE time σ (eq. 4 divided by √ᾱ_t)."""
+        return x0 + sigma.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))) * noise
+
     def net_input(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x̃ = x̃/√(σ² + 1)."""
         return x / (sigma.to(x.dtype) ** 2 + 1).sqrt().view(-1, *([1] * (x.ndim - 1)))

@@ -1,0 +1,65 @@
+"""What distillation plugins (``register_distillers``) build on: a stage of training, and the ODE
+steps a teacher takes.
+
+A distiller sees the teacher and the student as drift functions ``f(x, t, labels) -> dx/dt`` on the
+teacher's probability-flow ODE (``ddpmkit.sdk.ode``): ``x`` in the ODE's coordinates, ``t`` float64
+``(B,)`` times of the ODE's grid, ``labels`` long ``(B,)`` (``None`` for an unconditional run).
+``ddpmkit distill`` (``ddpmkit.run.distill``) builds them from the networks, trains the student on the
+distiller's ``loss`` stage by stage, and writes the student as a run that ``ddpmkit sample`` draws in
+``stage.calls`` calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+
+Drift = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@attrs.frozen
+class Stage:
+    """One stage of a distillation.
+
+    steps: optimizer steps of the stage (each on one batch).
+    calls: network calls the student samples in once the stage is done.
+    """
+
+    steps: int
+    calls: int
+
+
+def times(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A time (a float or a 0-d tensor) as the float64 ``(B,)`` tensor drift functions take, B = ``like``'s batch."""
+    return torch.full((like.shape[0],), float(t), dtype=torch.float64, device=like.device)
+
+
+def per_image(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` values broadcast over images shaped like ``x``, in its dtype."""
+    return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def euler(f: Drift, x: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Euler's method on ``dx/dt = f`` along the times ``ts`` (1-d; one call per step):
+    x_{i+1} = x_i + (t_{i+1} − t_i)·f(x_i, t_i). Per-image times: ``ts`` shaped ``(steps + 1, B)``."""
+    for i in range(ts.shape[0] - 1):
+        t, t_next = ts[i], ts[i + 1]
+        t, t_next = (times(t, x), times(t_next, x)) if t.ndim == 0 else (t, t_next)
+        x = x + per_image(t_next - t, x) * f(x, t, labels)
+    return x
+
+
+def heun(f: Drift, x: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Heun's method along the times ``ts`` (1-d), the last step to t = 0 Euler's, as the ``heun``
+    sampler (2·steps − 1 calls)."""
+    for i in range(ts.shape[0] - 1):
+        t, t_next = times(ts[i], x), times(ts[i + 1], x)
+        h = per_image(t_next - t, x)
+        d = f(x, t, labels)
+        x_next = x + h * d
+        if float(ts[i + 1]) > 0:
+            x_next = x + h * (d + f(x_next, t_next, labels)) / 2
+        x = x_next
+    return x

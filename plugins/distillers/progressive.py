@@ -1,0 +1,106 @@
+"""Distiller ``progressive``: progressive distillation (Salimans & Ho 2022) on the teacher's
+probability-flow ODE, for any process that has one (``vp``, ``edm``, ``flow``).
+
+Each stage halves the student's calls: the student learns to take in one Euler step what its teacher
+takes in two. With the student's N-step grid t_0 > t_1 > ... > t_N = 0 (the process's ``grid(N)``,
+whose points are every other point of ``grid(2N)``; t_m = grid(2N)[2i + 1] lies between t_i and t_{i+1}):
+
+    i ~ U{0..N−1},  x = q(x_0, t_i, ε)                               a training image noised to t_i
+    x'  = x + (t_m − t_i)·f_T(x, t_i)                                 the teacher's first Euler step
+    x'' = x' + (t_{i+1} − t_m)·f_T(x', t_m)                           and its second
+    x_s = x + (t_{i+1} − t_i)·f_S(x, t_i)                             the student's one step
+    L   = max(1, t_i²) · mean((x_s − x'')²) / (t_{i+1} − t_i)²
+
+f = dx/dt from the network's output (the process's ``drift``). Dividing by the step measures the
+error in drift space; the weight max(1, t²) is the paper's "truncated SNR" weighting where the ODE's
+time is σ (``vp``: x̃ = x_0 + σ·ε, and ``edm``): the x̂_0 error weighted by max(SNR, 1), so the first
+steps from pure noise still count. On ``flow`` (t ≤ 1) the weight is 1: the velocity's squared error.
+
+The first stage's teacher is the trained run sampled with Euler at 2·``start`` steps (DDIM η = 0 on
+``vp``); each later stage's teacher is the previous stage's student (``chain``). The student starts
+from its teacher's weights.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import ddpmkit
+from ddpmkit.sdk.distill import Stage, per_image
+
+
+@attrs.define
+class ProgressiveConfig:
+    """Options of ``progressive``.
+
+    start: the first stage's student calls; its teacher takes 2·start Euler steps. Default 16.
+    calls: the last stage's student calls: start halved once per stage, >= 1. Default 1.
+    steps: optimizer steps per stage. Default 150.
+    """
+
+    start: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    calls: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    steps: int = attrs.field(default=150, validator=attrs.validators.ge(1))
+
+
+class Progressive:
+    """See the module doc."""
+
+    name = "progressive"
+    chain = True
+
+    def __init__(self, config: ProgressiveConfig, process):
+        self.config, self.process = config, process
+        calls, stages = config.start, []
+        while calls > config.calls:
+            if calls % 2:
+                break
+            calls //= 2
+            stages.append(Stage(config.steps, calls))
+        if not stages or stages[-1].calls != config.calls:
+            reachable = []
+            c = config.start
+            while c % 2 == 0:
+                c //= 2
+                reachable.append(str(c))
+            raise ddpmkit.DdpmkitError(
+                f"progressive distillation halves the calls from start = {config.start}: it cannot reach "
+                f"{config.calls} (reachable: {', '.join(reachable) or 'none; use an even start'}); "
+                "set --calls or distiller.start")
+        self.stages = stages
+        grid = process.grid(2 * config.start)  # a process may refuse a grid it cannot make (vp: 2·start > T)
+        if len(grid) != 2 * config.start + 1:
+            raise ddpmkit.DdpmkitError(f"process '{process.name}' has no {2 * config.start}-step grid for the first "
+                                       "teacher; use a smaller distiller.start")
+
+    def sampler(self, calls: int) -> tuple[str, dict]:
+        """The student is drawn with Euler steps on the same grid it was trained on."""
+        return "euler", {"steps": calls}
+
+    def loss(self, student, teacher, x0: torch.Tensor, labels: torch.Tensor | None, stage: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        n = self.stages[stage].calls
+        fine = self.process.grid(2 * n, x0.device)
+        b = x0.shape[0]
+        i = torch.randint(0, n, (b,), generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, t_mid, t_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
+        x = self.process.q_sample(x0, t, eps)
+        with torch.no_grad():
+            x_mid = x + per_image(t_mid - t, x) * teacher(x, t, labels)
+            x_target = x_mid + per_image(t_next - t_mid, x) * teacher(x_mid, t_mid, labels)
+        h = per_image(t_next - t, x)
+        x_student = x + h * student(x, t, labels)
+        weight = per_image(t.clamp(min=1.0) ** 2, x)
+        return (weight * (x_student - x_target) ** 2 / h ** 2).mean()
+
+
+def make(config: ProgressiveConfig, *, process) -> Progressive:
+    return Progressive(config, process)
+
+
+@ddpmkit.hookimpl
+def register_distillers(register):
+    register("progressive", make, ProgressiveConfig,
+             "progressive distillation (Salimans & Ho 2022): halve the Euler steps per stage (vp, edm, flow)")

@@ -1,0 +1,286 @@
+"""Distillation (``ddpmkit distill``): each method's loss against a hand computation, students of the
+closed-form ideal teacher of Gaussian data, resume equality, the student run, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_RUN
+from safetensors.torch import load_file
+
+import ddpmkit
+from ddpmkit.cli import cli
+from ddpmkit.run.distill import Distillation, drift_function
+from ddpmkit.sdk.distill import euler, heun
+from ddpmkit.sdk.ode import VPODE
+from ddpmkit_plugins.distillers.progressive import Progressive, ProgressiveConfig
+from ddpmkit_plugins.distillers.reflow import Reflow, ReflowConfig
+from ddpmkit_plugins.processes.flow import FlowConfig, FlowProcess
+
+MU, S = 0.3, 0.5  # the Gaussian data of the ideal teacher: every pixel N(MU, S²)
+
+
+def vp_ode(timesteps=1000):
+    return VPODE(ddpmkit.GaussianDiffusion(ddpmkit.build("schedule", "linear", {"timesteps": timesteps})))
+
+
+def bc(v, x):
+    return v.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+# -- the closed-form ideal teachers of N(MU, S²) data ------------------------------
+def ideal_vp(x, sigma, labels=None):
+    """x̃ = x_0 + σ·ε: E[x_0 | x̃] = μ + s²/(s² + σ²)·(x̃ − μ); dx̃/dσ = (x̃ − E[x_0 | x̃])/σ."""
+    s2 = bc(sigma, x) ** 2
+    return (x - (MU + S ** 2 / (S ** 2 + s2) * (x - MU))) / bc(sigma, x)
+
+
+def ideal_flow(x, t, labels=None):
+    """x_t = (1 − t)·x_0 + t·ε: v = E[ε − x_0 | x_t]."""
+    tt = bc(t, x)
+    a = 1 - tt
+    var = a ** 2 * S ** 2 + tt ** 2
+    m = x - a * MU
+    return tt * m / var - MU - a * S ** 2 * m / var
+
+
+class Affine(torch.nn.Module):
+    """A student that can be exact for Gaussian data: dx/dt = A(t)·x + B(t), A and B from a small MLP of log t."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, x, t, labels=None):
+        ab = self.mlp(t.clamp(min=1e-4).log().float().view(-1, 1))
+        return bc(ab[:, 0], x) * x + bc(ab[:, 1], x)
+
+
+class AffineDenoiser(Affine):
+    """The vp student as a real vp network is built: it sees x_t = x̃/√(1 + σ²), its output is x̂_0 (affine
+    in x_t), and its drift is (x̃ − x̂_0)/σ, so the first step from σ_max ≈ 157 is not a 1e-4-accurate slope."""
+
+    def forward(self, x, t, labels=None):
+        x0 = super().forward(x / (1 + bc(t, x) ** 2).sqrt(), t)
+        return (x - x0) / bc(t, x)
+
+
+def fit(distiller, student, teacher, first=None, batch=256, lr=1e-2, seed=0):
+    """The distillation loop of ddpmkit.run.distill, reduced to the loss: data from N(MU, S²); ``first``:
+    the first stage's steps (the one that fits the ideal teacher over all its times), if not the stage's own."""
+    gen = torch.Generator().manual_seed(seed)
+    end = 0
+    for k, stage in enumerate(distiller.stages):
+        end += stage.steps
+        if getattr(distiller, "chain", False) and k > 0:
+            frozen = type(student)()
+            frozen.load_state_dict(student.state_dict())
+            teacher = frozen.requires_grad_(False)
+        opt = torch.optim.Adam(student.parameters(), lr=lr)
+        steps = first if first and k == 0 else stage.steps
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            x0 = MU + S * torch.randn(batch, 1, 2, 2, generator=gen)
+            loss = distiller.loss(student, teacher, x0, None, k, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return student
+
+
+# -- each loss against a hand computation ------------------------------------------
+@pytest.mark.parametrize("process", ["flow", "vp"])
+def test_progressive_loss_is_the_hand_computation(process):
+    ode = FlowProcess(FlowConfig()) if process == "flow" else vp_ode(100)
+    torch.manual_seed(0)
+    net_t, net_s = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)  # tiny networks
+    teacher = drift_function(lambda x, t: net_t(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
+    student = drift_function(lambda x, t: net_s(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
+    d = Progressive(ProgressiveConfig(start=4, calls=1, steps=1), ode)
+    assert [s.calls for s in d.stages] == [2, 1]
+    x0 = torch.rand(5, 1, 3, 3) * 2 - 1
+    loss = d.loss(student, teacher, x0, None, stage=0, generator=torch.Generator().manual_seed(3))
+    # by hand: the same draws, two teacher Euler steps on grid(4), one student step on grid(2)
+    gen = torch.Generator().manual_seed(3)
+    i = torch.randint(0, 2, (5,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    fine = ode.grid(4)
+    want = []
+    for b in range(5):
+        t0, tm, t1 = fine[2 * i[b]], fine[2 * i[b] + 1], fine[2 * i[b] + 2]
+        x = (1 - t0) * x0[b] + t0 * eps[b] if process == "flow" else x0[b] + t0 * eps[b]
+        x = x.unsqueeze(0).float()
+
+        def f(net, xx, t):
+            tb = t.view(1).double()
+            inp = ode.net_input(xx, tb)
+            out = net(inp) * (1 + ode.net_time(tb).float().view(-1, 1, 1, 1) / 1000)
+            return ode.drift(out, xx, tb)
+
+        xm = x + float(tm - t0) * f(net_t, x, t0)
+        x2 = xm + float(t1 - tm) * f(net_t, xm, tm)
+        xs = x + float(t1 - t0) * f(net_s, x, t0)
+        weight = max(1.0, float(t0) ** 2)
+        want.append(weight * ((xs - x2) ** 2).mean() / float(t1 - t0) ** 2)
+    assert torch.allclose(loss, torch.stack(want).mean(), rtol=1e-5)
+    loss.backward()  # the student learns; the teacher does not
+    assert net_s.weight.grad is not None and net_t.weight.grad is None
+
+
+def test_reflow_loss_is_the_hand_computation(tmp_path):
+    ode = FlowProcess(FlowConfig())
+    d = Reflow(ReflowConfig(pairs=6, one_call=0.5), ode)
+    d.z, d.x, d.labels = torch.randn(6, 1, 2, 2), torch.rand(6, 1, 2, 2), torch.arange(6) % 3
+    torch.manual_seed(1)
+    net = torch.nn.Conv2d(1, 1, 1)
+    seen = []
+
+    def student(x, t, labels):
+        seen.append(labels)
+        return net(x) * t.float().view(-1, 1, 1, 1)
+
+    loss = d.loss(student, None, torch.zeros(4, 1, 2, 2), None, 0, torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 6, (4,), generator=gen)
+    t = torch.rand(4, generator=gen, dtype=torch.float64)
+    t[:2] = 1.0  # one_call = 0.5 of the batch at t = 1
+    z, x = d.z[idx], d.x[idx]
+    xt = (1 - bc(t, x)) * x + bc(t, x) * z
+    want = ((net(xt) * bc(t, x) - (z - x)) ** 2).mean()
+    assert torch.allclose(loss, want, rtol=1e-6)
+    assert torch.equal(seen[0], d.labels[idx])  # the couplings' own labels
+
+
+# -- students of the ideal teacher of Gaussian data -----------------------------------------
+def moments(x):
+    return float(x.mean()), float(x.std())
+
+
+def test_reflow_student_of_the_ideal_flow_draws_the_gaussian_in_one_call(tmp_path):
+    ode = FlowProcess(FlowConfig())
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 1, 2, 2, generator=gen)
+    # the teacher at one call draws the mean for every z (the expected velocity at t = 1 is z − μ)
+    m, s = moments(euler(ideal_flow, z, ode.grid(1), None))
+    assert abs(m - MU) < 0.02 and s < 0.05
+    m, s = moments(heun(ideal_flow, z, ode.grid(16), None))  # its ODE: N(μ, s²)
+    assert abs(m - MU) < 0.02 and abs(s - S) < 0.02
+    d = Reflow(ReflowConfig(pairs=2048, teacher_steps=16, steps=300), ode)
+    d.prepare(ideal_flow, shape=(1, 2, 2), num_classes=None, generator=torch.Generator().manual_seed(1),
+              directory=tmp_path)
+    student = fit(d, Affine(), None)
+    with torch.no_grad():
+        for calls in (1, 2):
+            m, s = moments(euler(student, z, ode.grid(calls), None))
+            assert abs(m - MU) < 0.03 and abs(s - S) < 0.03, (calls, m, s)
+
+
+def test_progressive_student_of_the_ideal_vp_teacher_draws_the_gaussian_in_one_call():
+    ode = vp_ode()
+    gen = torch.Generator().manual_seed(0)
+    x_prior = ode.prior((20000, 1, 2, 2), generator=gen)
+    m, s = moments(euler(ideal_vp, x_prior, ode.grid(256), None))  # the first teacher: 256 Euler (DDIM) steps
+    assert abs(m - MU) < 0.01 and abs(s - S) < 0.01
+    m, s = moments(euler(ideal_vp, x_prior, ode.grid(1), None))  # one DDIM step of the ideal teacher: the mean
+    assert s < 0.05
+    d = Progressive(ProgressiveConfig(start=128, calls=1, steps=200), ode)
+    assert [st.calls for st in d.stages] == [64, 32, 16, 8, 4, 2, 1]
+    student = AffineDenoiser()
+    fit(d, student, ideal_vp, first=800, batch=128)
+    with torch.no_grad():
+        for calls in (1, 2):
+            m, s = moments(euler(student, x_prior, ode.grid(calls), None))
+            assert abs(m - MU) < 0.03 and abs(s - S) < 0.03, (calls, m, s)
+
+
+# -- the student run: files, sampling, resume, bad input ----------------------------------
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    runner = CliRunner()
+    for name, extra in (("vp", []), ("flow", ["--process", "flow", "--sampler", "euler", "--steps", "3"])):
+        r = runner.invoke(cli, ["run", *TINY_RUN, *extra, "--out", str(root / name)])
+        assert r.exit_code == 0, r.output
+    return root
+
+
+def job(teacher, out, method="progressive", **options):
+    opts = {"progressive": {"start": 2, "calls": 1, "steps": 3},
+            "reflow": {"pairs": 12, "teacher_steps": 2, "steps": 5}}[method]
+    return Distillation(str(teacher), out, method, {**opts, **options}, batch_size=4, checkpoint_every=2,
+                        num_samples=2, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("method,stop", [("progressive", 3), ("progressive", 4), ("reflow", 3)])
+def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path, method, stop):
+    teacher = teachers / ("vp" if method == "progressive" else "flow")
+    job(teacher, tmp_path / "full", method).run()
+    assert job(teacher, tmp_path / "cut", method).run(stop_after=stop).name == "checkpoints"
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    job(teacher, tmp_path / "cut", method).run(resume=True)
+    for rel in ["model.safetensors", *sorted(p.relative_to(tmp_path / "full").as_posix()
+                                             for p in (tmp_path / "full" / "stages").glob("*.safetensors"))]:
+        a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(tmp_path / "cut" / rel))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged))
+
+
+def test_student_run_samples_in_its_calls(teachers, tmp_path):
+    out = tmp_path / "student"
+    r = CliRunner().invoke(cli, ["distill", str(teachers / "vp"), "--method", "progressive", "--out", str(out),
+                                 "--set", "distiller.start=4", "--calls", "2", "--steps", "2", "--batch-size", "4",
+                                 "--num-samples", "4", "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["calls-2.png", "calls-2.safetensors"]
+    report = json.loads((out / "distill.json").read_text())
+    assert [s["calls"] for s in report["stages"]] == [2] and report["method"] == "progressive"
+    pipe = ddpmkit.load_checkpoint(out, device="cpu")
+    name, sampler = pipe.sampler()
+    assert name == "euler" and sampler.num_steps == 2
+    assert pipe.num_classes == 10  # a class-conditional teacher gives a class-conditional student
+    calls = []
+    pipe.sample(3, progress=lambda k, total: calls.append(total))
+    assert calls[-1] == 2
+    r = CliRunner().invoke(cli, ["sample", str(out), "-n", "4", "--out", str(tmp_path / "s.png"), "--no-progress"])
+    assert r.exit_code == 0 and (tmp_path / "s.png").exists(), r.output
+    # the student differs from its teacher: it was trained
+    teacher = load_file(str(teachers / "vp" / "model.safetensors"))
+    student = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["TEACHER_UNFINISHED", "--out", "OUT"], "is not a finished run"),
+    (["vp", "--method", "progressive", "--calls", "3", "--out", "OUT"], "cannot reach 3"),
+    (["vp", "--method", "reflow", "--out", "OUT"], "reflow straightens"),
+    (["vp", "--method", "consistency-x", "--out", "OUT"], "consistency-x"),
+    (["vp", "--out", "OUT", "--set", "sampler.steps=3"], "only takes --set distiller"),
+    (["--resume", "OUT"], "nothing to resume"),
+    (["vp"], "--out STUDENT"),
+])
+def test_bad_input_is_one_line_exit_2(teachers, tmp_path, args, message):
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    args = [str(unfinished) if a == "TEACHER_UNFINISHED" else str(tmp_path / "out") if a == "OUT"
+            else str(teachers / a) if a in ("vp", "flow") else a for a in args]
+    r = CliRunner().invoke(cli, ["distill", *args, "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+
+
+def test_math_of_the_ideal_teachers():
+    """The closed forms above are right: the exact ODE maps N(0, 1) noise to N(μ, s²)."""
+    t = torch.tensor([0.7], dtype=torch.float64)
+    x = torch.tensor([[[[0.4]]]], dtype=torch.float64)
+    # flow: v = E[ε − x_0 | x_t] by Monte Carlo over the joint
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(4_000_000, generator=g, dtype=torch.float64)
+    eps = torch.randn(4_000_000, generator=g, dtype=torch.float64)
+    xt = 0.3 * x0 + 0.7 * eps
+    near = (xt - 0.4).abs() < 0.005
+    assert math.isclose(float((eps - x0)[near].mean()), float(ideal_flow(x, t)), abs_tol=0.02)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_RUN
+from conftest import TINY_RUN, small_run
 from safetensors.torch import load_file
 
 import ddpmkit
@@ -182,8 +182,8 @@ def test_progressive_student_of_the_ideal_vp_teacher_draws_the_gaussian_in_one_c
     ode = vp_ode()
     gen = torch.Generator().manual_seed(0)
     x_prior = ode.prior((20000, 1, 2, 2), generator=gen)
-    m, s = moments(euler(ideal_vp, x_prior, ode.grid(256), None))  # the first teacher: 256 Euler (DDIM) steps
-    assert abs(m - MU) < 0.01 and abs(s - S) < 0.01
+    m, s = moments(euler(ideal_vp, x_prior, ode.grid(128), None))  # the first teacher: 128 Euler (DDIM) steps
+    assert abs(m - MU) < 0.015 and abs(s - S) < 0.015
     m, s = moments(euler(ideal_vp, x_prior, ode.grid(1), None))  # one DDIM step of the ideal teacher: the mean
     assert s < 0.05
     d = Progressive(ProgressiveConfig(start=128, calls=1, steps=200), ode)
@@ -201,14 +201,15 @@ def test_progressive_student_of_the_ideal_vp_teacher_draws_the_gaussian_in_one_c
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     runner = CliRunner()
-    for name, extra in (("vp", []), ("flow", ["--process", "flow", "--sampler", "euler", "--steps", "3"])):
-        r = runner.invoke(cli, ["run", *TINY_RUN, *extra, "--out", str(root / name)])
+    for name, args in (("vp", small_run({"preset": "tiny-cond"})),  # class-conditional
+                       ("flow", [*TINY_RUN, "--process", "flow", "--sampler", "euler", "--steps", "3"])):
+        r = runner.invoke(cli, ["run", *args, "--out", str(root / name)])
         assert r.exit_code == 0, r.output
     return root
 
 
 def job(teacher, out, method="progressive", **options):
-    opts = {"progressive": {"start": 2, "calls": 1, "steps": 3},
+    opts = {"progressive": {"start": 4, "calls": 1, "steps": 3},
             "reflow": {"pairs": 12, "teacher_steps": 2, "steps": 5}}[method]
     return Distillation(str(teacher), out, method, {**opts, **options}, batch_size=4, checkpoint_every=2,
                         num_samples=2, device="cpu", progress=False)

@@ -16,8 +16,8 @@ error in drift space; the weight max(1, t²) is the paper's "truncated SNR" weig
 time is σ (``vp``: x̃ = x_0 + σ·ε, and ``edm``): the x̂_0 error weighted by max(SNR, 1), so the first
 steps from pure noise still count. On ``flow`` (t ≤ 1) the weight is 1: the velocity's squared error.
 
-The first stage's teacher is the trained run sampled with Euler at 2·``start`` steps (DDIM η = 0 on
-``vp``); each later stage's teacher is the previous stage's student (``chain``). The student starts
+The first stage's teacher is the trained run sampled with Euler at ``start`` steps (DDIM η = 0 on
+``vp``), its student takes start/2; each later stage's teacher is the previous stage's student (``chain``). The student starts
 from its teacher's weights.
 """
 
@@ -34,7 +34,7 @@ from ddpmkit.sdk.distill import Stage, per_image
 class ProgressiveConfig:
     """Options of ``progressive``.
 
-    start: the first stage's student calls; its teacher takes 2·start Euler steps. Default 16.
+    start: the Euler steps of the first stage's teacher (the trained run); its student takes start/2. Default 16.
     calls: the last stage's student calls: start halved once per stage, >= 1. Default 1.
     steps: optimizer steps per stage. Default 150.
     """
@@ -69,9 +69,9 @@ class Progressive:
                 f"{config.calls} (reachable: {', '.join(reachable) or 'none; use an even start'}); "
                 "set --calls or distiller.start")
         self.stages = stages
-        grid = process.grid(2 * config.start)  # a process may refuse a grid it cannot make (vp: 2·start > T)
-        if len(grid) != 2 * config.start + 1:
-            raise ddpmkit.DdpmkitError(f"process '{process.name}' has no {2 * config.start}-step grid for the first "
+        grid = process.grid(config.start)  # a process may refuse a grid it cannot make (vp: start > T)
+        if len(grid) != config.start + 1:
+            raise ddpmkit.DdpmkitError(f"process '{process.name}' has no {config.start}-step grid for the first "
                                        "teacher; use a smaller distiller.start")
 
     def sampler(self, calls: int) -> tuple[str, dict]:

@@ -18,6 +18,7 @@ pairs from them; the teacher's training images are not used.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import attrs
@@ -40,6 +41,10 @@ class ReflowConfig:
     steps: optimizer steps. Default 700.
     calls: the Euler steps the student is drawn with by default (any number works). Default 4.
     one_call: the share of each batch trained at t = 1, the one-call step. Default 0.25.
+    times: where the rest of each batch is trained: ``uniform`` on (0, 1) (Liu et al.), or ``grid``, the
+        times of the student's own Euler grid (t = 1, 1 − 1/calls, ...), where it is drawn. Default uniform.
+    couplings: a couplings.safetensors of an earlier reflow of the same teacher to reuse (with as many
+        pairs), instead of drawing new ones. Default none.
     """
 
     pairs: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
@@ -47,6 +52,8 @@ class ReflowConfig:
     steps: int = attrs.field(default=700, validator=attrs.validators.ge(1))
     calls: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     one_call: float = attrs.field(default=0.25, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
+    times: str = attrs.field(default="uniform", validator=attrs.validators.in_(("uniform", "grid")))
+    couplings: str | None = None
 
 
 class Reflow:
@@ -74,11 +81,20 @@ class Reflow:
         """Draw the couplings (or read them back from ``directory``)."""
         path = Path(directory) / COUPLINGS
         n = self.config.pairs
-        if path.exists():
-            saved = load_file(str(path))
+        source = Path(self.config.couplings) if self.config.couplings else path
+        if self.config.couplings and not source.is_file():
+            raise ddpmkit.DdpmkitError(f"distiller.couplings: no file '{source}' (an earlier reflow's "
+                                       f"{COUPLINGS})")
+        if source.exists():
+            saved = load_file(str(source))
+            if self.config.couplings and (saved["z"].shape[0] != n or tuple(saved["z"].shape[1:]) != tuple(shape)):
+                raise ddpmkit.DdpmkitError(f"distiller.couplings: '{source}' holds {saved['z'].shape[0]} pairs of "
+                                           f"{tuple(saved['z'].shape[1:])}; this reflow wants {n} of {tuple(shape)}")
             if saved["z"].shape[0] == n and tuple(saved["z"].shape[1:]) == tuple(shape):
                 self.z, self.x = saved["z"].to(device), saved["x"].to(device)
                 self.labels = saved["labels"].to(device) if "labels" in saved else None
+                if source != path:  # the student keeps its own copy, for resuming
+                    shutil.copyfile(source, path)
                 return
         labels = torch.arange(n, device=device) % num_classes if num_classes else None
         zs, xs = [], []
@@ -103,7 +119,11 @@ class Reflow:
         idx = torch.randint(0, self.z.shape[0], (b,), generator=generator, device=x0.device)
         z, x = self.z[idx], self.x[idx]
         y = None if self.labels is None else self.labels[idx]
-        t = torch.rand(b, generator=generator, device=x0.device, dtype=torch.float64)
+        if self.config.times == "uniform":
+            t = torch.rand(b, generator=generator, device=x0.device, dtype=torch.float64)
+        else:  # the student's grid: 1, 1 − 1/calls, ..., 1/calls
+            k = torch.randint(0, self.config.calls, (b,), generator=generator, device=x0.device)
+            t = 1 - k.double() / self.config.calls
         t = torch.where(torch.arange(b, device=x0.device) < round(self.config.one_call * b), torch.ones_like(t), t)
         xt = self.process.q_sample(x, t, z)
         return ((student(xt, t, y) - (z - x)) ** 2).mean()

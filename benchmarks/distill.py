@@ -8,7 +8,8 @@ classifier's feature space against held-out real test digits, digit-score IS bes
         [--out distill.json]
     python benchmarks/distill.py --plot distill.json --out docs/distillation.png
 
-A student is drawn with its own sampler (Euler) at each of --calls; the teacher with each SAMPLER:STEPS
+A student is drawn with its own sampler (Euler) at each of --calls (a progressive student's
+``stages/calls-K.safetensors`` where it has one: the stage distilled to K calls); the teacher with each SAMPLER:STEPS
 of --teacher-runs (heun takes 2·steps − 1 calls). It prints the two ratios the distillation issue asks
 for: the student's KID at 4 calls over the teacher's best KID at ≥ 50 calls, and the student's KID at
 1 call over the teacher's best at ≤ 4 calls.
@@ -75,7 +76,9 @@ def main() -> None:
     plan = [("teacher", args.teacher, s, int(k), 2 * int(k) - 1 if s == "heun" else int(k))
             for s, k in (item.split(":") for item in args.teacher_runs.split(","))]
     for name, path in (item.split("=", 1) for item in args.students):
-        plan += [(name, path, "euler", k, k) for k in map(int, args.calls.split(","))]
+        for k in map(int, args.calls.split(",")):
+            stage = Path(path) / "stages" / f"calls-{k}.safetensors"  # progressive: the stage that ends in k calls
+            plan.append((name, str(stage) if stage.exists() else path, "euler", k, k))
     rows = []
     print("| model | sampler | calls | KID | precision | recall | digit IS | seconds |")
     for who, path, sampler, steps, calls in plan:

@@ -3,6 +3,11 @@ closed-form ideal teacher of Gaussian data, resume equality, the student run, an
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -215,7 +220,7 @@ def job(teacher, out, method="progressive", **options):
                         num_samples=2, device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("method,stop", [("progressive", 3), ("progressive", 4), ("reflow", 3)])
+@pytest.mark.parametrize("method,stop", [("progressive", 3), ("progressive", 4)])  # a stage's end, its middle
 def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path, method, stop):
     teacher = teachers / ("vp" if method == "progressive" else "flow")
     job(teacher, tmp_path / "full", method).run()
@@ -228,6 +233,31 @@ def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path, method, st
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert logged == sorted(set(logged))
+
+
+def test_sigkill_then_resume_is_the_uninterrupted_distillation(teachers, tmp_path):
+    args = ["distill", str(teachers / "flow"), "--method", "reflow", "--set", "distiller.pairs=12", "--set",
+            "distiller.teacher_steps=2", "--steps", "100", "--batch-size", "4", "--checkpoint-every", "5",
+            "--num-samples", "2", "--no-progress", "--device", "cpu"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-m", "ddpmkit", *args, "--out", str(ref)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "step-00000010.safetensors").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the distillation finished before it could be killed"
+    r = subprocess.run([sys.executable, "-m", "ddpmkit", "distill", "--resume", str(killed), "--no-progress",
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_file(str(ref / "couplings.safetensors"))["x"].equal(load_file(str(killed / "couplings.safetensors"))["x"])
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(10, 101, 10))
 
 
 def test_student_run_samples_in_its_calls(teachers, tmp_path):

@@ -133,7 +133,8 @@ def test_built_in_plugins_import_only_what_a_third_party_plugin_may():
 
 def test_built_in_plugins_are_one_per_file_in_a_folder_per_kind():
     folders = sorted(p.name for p in PLUGINS.iterdir() if p.is_dir() and not p.name.startswith("_"))
-    assert folders == ["datasets", "loggers", "losses", "metrics", "predictors", "processes", "samplers", "schedules",
+    assert folders == ["datasets", "distillers", "loggers", "losses", "metrics", "predictors", "processes", "samplers",
+                       "schedules",
                        "timestep_samplers"], folders
     assert sorted(p.name for p in PLUGINS.glob("*.py")) == ["__init__.py"]
 

@@ -19,7 +19,7 @@ from ddpmkit.errors import DdpmkitError
 @click.option("--set", "sets", multiple=True, metavar="distiller.OPTION=VALUE",
               help="A method option, e.g. distiller.pairs=2048 (`ddpmkit plugins --options`).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam's learning rate.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Adam's learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="The classifier-free guidance weight W the student is distilled at (class-conditional teachers).")

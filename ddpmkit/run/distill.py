@@ -92,7 +92,7 @@ class Distillation:
     """One distillation into ``out`` (see the module doc); :meth:`run` trains it to the end."""
 
     def __init__(self, teacher: str, out: str | Path, method: str, options: dict[str, Any] | None = None, *,
-                 batch_size: int = 64, lr: float = 1e-4, seed: int = 0, guidance: float = 1.0,
+                 batch_size: int = 64, lr: float = 3e-4, seed: int = 0, guidance: float = 1.0,
                  checkpoint_every: int = 100, log_every: int = 10, num_samples: int = 64, device: str = "auto",
                  console: Console | None = None, progress: bool = True):
         if batch_size < 1:
@@ -180,15 +180,27 @@ class Distillation:
                     p.unlink()
         write_json(out / "config.json", self._config_json())
         (out / "stages").mkdir(exist_ok=True)
-        t_start = time.perf_counter()
-        shape = (self.channels, self.pipe.resolution, self.pipe.resolution)
         teacher_net = self.pipe.model.eval().requires_grad_(False)
-        w = self.settings["guidance"]
-        first_teacher = drift_function(teacher_net, self.ode, self.channels, self.num_classes, w)
+        first_teacher = drift_function(teacher_net, self.ode, self.channels, self.num_classes, self.settings["guidance"])
+        student, step, elapsed, optim_state = self._start(teacher_net, resume)
+        elapsed += self._prepare(first_teacher, counted=optim_state is None and step == 0)
+        t_run = time.perf_counter()
+        step = self._train(student, first_teacher, step, elapsed, optim_state, stop_after)
+        if step < self._stage_end(len(self.stages) - 1):
+            return out / "checkpoints"
+        final = self.stages[-1].calls
+        model_path = out / "model.safetensors"
+        save_model_file(model_path, student.state_dict(), self.student_config(final, len(self.stages) - 1))
+        (out / "samples.png").write_bytes((out / "stages" / f"calls-{final}.png").read_bytes())
+        self._report(elapsed + time.perf_counter() - t_run)
+        return model_path
 
+    def _start(self, teacher_net: torch.nn.Module, resume: bool):
+        """The student (the teacher's copy, or the newest checkpoint's weights), the step, the wall time
+        so far, and Adam's saved state (``None`` at a stage's start)."""
         step, elapsed, optim_state = 0, 0.0, None
-        state_path = latest_checkpoint(out / "checkpoints") if resume else None
         student = copy.deepcopy(teacher_net).requires_grad_(True).train()
+        state_path = latest_checkpoint(self.out / "checkpoints") if resume else None
         if state_path is not None:
             tensors, meta = read_training_state(state_path)
             student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -197,24 +209,39 @@ class Distillation:
                 optim_state = (tensors, meta["optimizer"])
             self.console.print(f"Resuming the distillation at step {step} from {state_path}", markup=False,
                                highlight=False)
-        total = self._stage_end(len(self.stages) - 1)
+        return student, step, elapsed, optim_state
 
+    def _prepare(self, teacher, counted: bool) -> float:
+        """The method's data built once before training (reflow's couplings); its wall time if ``counted``."""
         prepare = getattr(self.distiller, "prepare", None)
-        if prepare is not None:
-            t0 = time.perf_counter()
-            with make_progress(self.console, self.progress) as bar:
-                task = bar.add_task("teacher couplings", total=None, info="")
-                prepare(first_teacher, shape=shape, num_classes=self.num_classes, generator=self._generator(0, salt=5),
-                        directory=out, device=self.dev,
-                        progress=lambda done, n: bar.update(task, completed=done, total=n))
-            if state_path is None:
-                elapsed += time.perf_counter() - t0
+        if prepare is None:
+            return 0.0
+        t0 = time.perf_counter()
+        shape = (self.channels, self.pipe.resolution, self.pipe.resolution)
+        with make_progress(self.console, self.progress) as bar:
+            task = bar.add_task("teacher couplings", total=None, info="")
+            prepare(teacher, shape=shape, num_classes=self.num_classes, generator=self._generator(0, salt=5),
+                    directory=self.out, device=self.dev, progress=lambda done, n: bar.update(task, completed=done, total=n))
+        return time.perf_counter() - t0 if counted else 0.0
 
+    def _stage_teacher(self, k: int, student: torch.nn.Module, first_teacher):
+        """Stage k's teacher: the trained run, or (``chain``) the previous stage's student, read from its file."""
+        if not getattr(self.distiller, "chain", False) or k == 0:
+            return first_teacher
+        prev = read_weights_file(self.out / "stages" / f"calls-{self.stages[k - 1].calls}.safetensors")
+        model = copy.deepcopy(student).requires_grad_(False).eval()
+        model.load_state_dict(prev.tensors)
+        return drift_function(model, self.ode, self.channels, self.num_classes)
+
+    def _train(self, student, first_teacher, step: int, elapsed: float, optim_state, stop_after: int | None) -> int:
+        """Optimizer steps to the end (or to ``stop_after``, or a stop signal); returns the step reached."""
         dataset = build_dataset(self.pipe.config)[0]
-        log = _Log(out / "metrics.jsonl", step if state_path is not None else 0)
+        total, every = self._stage_end(len(self.stages) - 1), self.settings["log_every"]
+        log = _Log(self.out / "metrics.jsonl", step)
         stop: list[int] = []
         stage, teacher, optimizer, losses = -1, first_teacher, None, []
         t_run = time.perf_counter()
+        f_student = drift_function(student, self.ode, self.channels, self.num_classes)
         try:
             with on_stop_signals(lambda signum, frame: stop.append(signum)), \
                     make_progress(self.console, self.progress) as bar:
@@ -223,18 +250,13 @@ class Distillation:
                     k = self._stage_of(step)
                     if k != stage:
                         stage, losses = k, []
-                        if getattr(self.distiller, "chain", False) and k > 0:
-                            prev = read_weights_file(out / "stages" / f"calls-{self.stages[k - 1].calls}.safetensors")
-                            tmodel = copy.deepcopy(student).requires_grad_(False).eval()
-                            tmodel.load_state_dict(prev.tensors)
-                            teacher = drift_function(tmodel, self.ode, self.channels, self.num_classes)
+                        teacher = self._stage_teacher(k, student, first_teacher)
                         optimizer = torch.optim.Adam(student.parameters(), lr=self.settings["lr"])
                         if optim_state is not None:
                             load_optimizer_tensors(optimizer, *optim_state)
                             optim_state = None
                     gen = self._generator(step)
                     x0, labels = self._batch(dataset, gen)
-                    f_student = drift_function(student, self.ode, self.channels, self.num_classes)
                     loss = self.distiller.loss(f_student, teacher, x0, labels, stage, gen)
                     if not torch.isfinite(loss):
                         raise DdpmkitError(f"the distillation loss is {loss.item()} at step {step + 1}; lower --lr")
@@ -245,10 +267,9 @@ class Distillation:
                     step += 1
                     losses.append(loss.item())
                     now = elapsed + time.perf_counter() - t_run
-                    if step % self.settings["log_every"] == 0 or step == total:
+                    if step % every == 0 or step == total:
                         log.write({"step": step, "stage": stage + 1, "calls": self.stages[stage].calls,
-                                   "loss": sum(losses[-self.settings["log_every"]:]) / len(losses[-self.settings["log_every"]:]),
-                                   "seconds": round(now, 3)})
+                                   "loss": sum(losses[-every:]) / len(losses[-every:]), "seconds": round(now, 3)})
                     bar.update(task, completed=step, info=f"stage {stage + 1}/{len(self.stages)} → "
                                                           f"{self.stages[stage].calls} calls · loss {losses[-1]:.4g}")
                     at_end = step == self._stage_end(stage)
@@ -257,19 +278,14 @@ class Distillation:
                     stopping = bool(stop) or (stop_after is not None and step >= stop_after)
                     if at_end or stopping or step % self.settings["checkpoint_every"] == 0:
                         self._checkpoint(student, None if at_end else optimizer, step, stage, now)
-                    if stopping and step < total:
-                        if stop:
-                            raise Interrupted(f"Distillation stopped at step {step} on signal {stop[0]}; continue with "
-                                              f"ddpmkit distill --resume {out}", stop[0])
-                        return out / "checkpoints"
+                    if stop and step < total:
+                        raise Interrupted(f"Distillation stopped at step {step} on signal {stop[0]}; continue with "
+                                          f"ddpmkit distill --resume {self.out}", stop[0])
+                    if stopping:
+                        break
         finally:
             log.close()
-        final = self.stages[-1].calls
-        model_path = out / "model.safetensors"
-        save_model_file(model_path, student.state_dict(), self.student_config(final, len(self.stages) - 1))
-        (out / "samples.png").write_bytes((out / "stages" / f"calls-{final}.png").read_bytes())
-        self._report(elapsed + time.perf_counter() - t_run, time.perf_counter() - t_start)
-        return model_path
+        return step
 
     def _checkpoint(self, student, optimizer, step: int, stage: int, elapsed: float) -> None:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
@@ -303,7 +319,7 @@ class Distillation:
             student.train(was)
             save_grid(images, self.out / "stages" / f"calls-{calls}.png")
 
-    def _report(self, seconds: float, wall: float) -> None:
+    def _report(self, seconds: float) -> None:
         report = _read_json(self.out / "distill.json")
         report.update({"teacher": self.teacher_path, "method": self.method, "options": _plain(self.options),
                        **self.settings, "calls": self.stages[-1].calls, "seconds": round(seconds, 1),

@@ -136,6 +136,9 @@ class Distillation:
 
     # -- training -----------------------------------------------------------------
     def _batch(self, dataset, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if dataset is None:
+            shape = (self.settings["batch_size"], self.channels, self.pipe.resolution, self.pipe.resolution)
+            return torch.zeros(shape, device=self.dev), None
         idx = torch.randint(0, len(dataset), (self.settings["batch_size"],), generator=generator).tolist()
         items = [dataset[i] for i in idx]
         images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(self.dev)
@@ -235,7 +238,8 @@ class Distillation:
 
     def _train(self, student, first_teacher, step: int, elapsed: float, optim_state, stop_after: int | None) -> int:
         """Optimizer steps to the end (or to ``stop_after``, or a stop signal); returns the step reached."""
-        dataset = build_dataset(self.pipe.config)[0]
+        # a method that trains on its own data (reflow: the couplings) gets placeholders of the batch's shape
+        dataset = build_dataset(self.pipe.config)[0] if getattr(self.distiller, "uses_data", True) else None
         total, every = self._stage_end(len(self.stages) - 1), self.settings["log_every"]
         log = _Log(self.out / "metrics.jsonl", step)
         stop: list[int] = []

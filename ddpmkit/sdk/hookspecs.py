@@ -167,7 +167,8 @@ def register_distillers(register: Register) -> None:
     ``(B,)`` or ``None``) and ``x0``, ``labels`` a batch of the teacher's training data. Optional:
     ``chain = True`` (each stage's teacher is the previous stage's student: progressive distillation),
     ``prepare(teacher, *, shape, num_classes, generator, directory, progress)`` (data built once before
-    training, kept in ``directory`` so a resumed distillation reuses it: reflow's couplings).
+    training, kept in ``directory`` so a resumed distillation reuses it: reflow's couplings), and
+    ``uses_data = False`` (the teacher's dataset is not read; ``x0`` is zeros of the batch's shape).
     """
 
 

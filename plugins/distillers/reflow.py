@@ -61,6 +61,7 @@ class Reflow:
 
     name = "reflow"
     chain = False
+    uses_data = False  # it trains on its couplings: the run's dataset is not read
 
     def __init__(self, config: ReflowConfig, process):
         if getattr(process, "prediction", None) != "velocity":

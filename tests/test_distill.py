@@ -224,19 +224,19 @@ def job(teacher, out, method="progressive", **options):
                         num_samples=2, device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("method,stop", [("progressive", 3), ("progressive", 4)])  # a stage's end, its middle
-def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path, method, stop):
-    teacher = teachers / ("vp" if method == "progressive" else "flow")
-    job(teacher, tmp_path / "full", method).run()
-    assert job(teacher, tmp_path / "cut", method).run(stop_after=stop).name == "checkpoints"
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
-    job(teacher, tmp_path / "cut", method).run(resume=True)
-    for rel in ["model.safetensors", *sorted(p.relative_to(tmp_path / "full").as_posix()
-                                             for p in (tmp_path / "full" / "stages").glob("*.safetensors"))]:
-        a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(tmp_path / "cut" / rel))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
-    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == sorted(set(logged))
+def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path):
+    teacher = teachers / "vp"
+    job(teacher, tmp_path / "full").run()  # 2 stages of 3 steps: 4 → 2 → 1 calls
+    for stop in (3, 4):  # a stage's end (Adam starts afresh), a stage's middle (Adam's state resumes)
+        cut = tmp_path / f"cut{stop}"
+        assert job(teacher, cut).run(stop_after=stop).name == "checkpoints"
+        assert not (cut / "model.safetensors").exists()
+        job(teacher, cut).run(resume=True)
+        for rel in ["model.safetensors", "stages/calls-2.safetensors", "stages/calls-1.safetensors"]:
+            a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(cut / rel))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stop, rel)
+        logged = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+        assert logged == sorted(set(logged))
 
 
 def test_sigkill_then_resume_is_the_uninterrupted_distillation(teachers, tmp_path):

@@ -172,6 +172,6 @@ def test_every_hook_is_documented():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
     hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "ddpmkit_spec")]
-    assert len(hooks) == len(ddpmkit.KINDS) == 9  # one hook per kind of the kinds table (9 with process)
+    assert len(hooks) == len(ddpmkit.KINDS) == 10  # one hook per kind of the kinds table (10 with distiller)
     missing = [h for h in hooks if f"`{h}`" not in doc]
     assert not missing, f"hooks missing from docs/plugins.md: {missing}"

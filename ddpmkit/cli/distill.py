@@ -34,7 +34,7 @@ def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, seed, 
                 num_samples, resume, overwrite, device, no_progress):
     """Distill TEACHER (a finished run directory or its model.safetensors) into a student run in --out
     that `ddpmkit sample` draws in the student's number of calls."""
-    from ddpmkit.run.distill import Distillation, resume_settings
+    from ddpmkit.run.distill import SETTINGS, Distillation, resume_settings
 
     if resume:
         if teacher or method or out or calls or steps or sets:
@@ -42,10 +42,8 @@ def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, seed, 
                                "--method, --out, --calls, --steps or --set")
         saved = resume_settings(resume)
         job = Distillation(saved["teacher"], resume, saved["method"], saved.get("options"),
-                           batch_size=saved["batch_size"], lr=saved["lr"], seed=saved["seed"],
-                           guidance=saved["guidance"], checkpoint_every=saved["checkpoint_every"],
-                           log_every=saved.get("log_every", 10), num_samples=saved["num_samples"], device=device,
-                           console=err_console, progress=not no_progress)
+                           **{k: saved[k] for k in SETTINGS if k in saved}, device=device, console=err_console,
+                           progress=not no_progress)
         path = job.run(resume=True)
     else:
         if not teacher:

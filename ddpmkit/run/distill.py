@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ from ddpmkit.errors import DdpmkitError, Interrupted
 from ddpmkit.run.assembly import build_dataset
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.model_file import MODEL_FORMAT, read_weights_file, save_model_file
-from ddpmkit.run.pipeline import Pipeline, _guided, load_checkpoint, resolve_device, save_grid
+from ddpmkit.run.pipeline import Pipeline, _guided, pipeline_from_file, resolve_device, save_grid
 from ddpmkit.run.progress import make_progress
-from ddpmkit.run.rundir import RunLock, check_new_run_dir, contents
+from ddpmkit.run.rundir import RunLock, check_new_run_dir, clear_run_files, contents
 from ddpmkit.run.signals import on_stop_signals
 from ddpmkit.run.train_state import (
     latest_checkpoint,
@@ -53,6 +52,7 @@ from ddpmkit.run.train_state import (
     read_training_state,
     write_training_state,
 )
+from ddpmkit.sdk.data import item_image
 from ddpmkit.sdk.files import write_json
 from ddpmkit.sdk.ode import ode_view
 from ddpmkit.sdk.registry import get_component
@@ -107,7 +107,7 @@ class Distillation:
         self.console, self.progress = console or Console(stderr=True), progress
         self.dev = resolve_device(device)
         self.file = _teacher_file(teacher)
-        self.pipe = load_checkpoint(self.file.path, device=self.dev)
+        self.pipe = pipeline_from_file(self.file, device=self.dev, label=self.teacher_path)
         if self.pipe.num_classes is None and guidance != 1.0:
             raise DdpmkitError("--guidance needs a class-conditional teacher; this one is unconditional")
         self.ode = ode_view(self.pipe.diffusion)
@@ -141,7 +141,7 @@ class Distillation:
             return torch.zeros(shape, device=self.dev), None
         idx = torch.randint(0, len(dataset), (self.settings["batch_size"],), generator=generator).tolist()
         items = [dataset[i] for i in idx]
-        images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(self.dev)
+        images = torch.stack([item_image(it) for it in items]).to(self.dev)
         if self.num_classes is None:
             return images, None
         return images, torch.tensor([int(it[1]) for it in items], dtype=torch.long, device=self.dev)
@@ -175,12 +175,7 @@ class Distillation:
     def _run(self, resume: bool, overwrite: bool, stop_after: int | None) -> Path:
         out = self.out
         if overwrite and not resume:
-            for name in DISTILL_FILES:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            clear_run_files(out, DISTILL_FILES)
         write_json(out / "config.json", self._config_json())
         (out / "stages").mkdir(exist_ok=True)
         teacher_net = self.pipe.model.eval().requires_grad_(False)

@@ -225,7 +225,13 @@ def _weights(file, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None) -> Pipeline:
     """Rebuild a :class:`Pipeline` from a run directory, its model file (``model.safetensors``) or
     one of its training-state files (``checkpoints/step-*.safetensors``, sampled with EMA weights)."""
-    file = read_weights_file(path)
+    return pipeline_from_file(read_weights_file(path), device=device, label=path)
+
+
+def pipeline_from_file(file, device: str | torch.device | None = None, label: str | os.PathLike | None = None) -> Pipeline:
+    """The :class:`Pipeline` of a file :func:`~ddpmkit.run.model_file.read_weights_file` has read; ``label``
+    names it in errors (default its path)."""
+    path = file.path if label is None else label
     try:
         config = RunConfig.from_dict(file.config["run"])
         shape = DataShape(**file.config["data"])

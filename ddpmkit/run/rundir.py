@@ -46,10 +46,11 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
                            "another --out")
 
 
-def clear_run_files(run_dir: Path) -> list[str]:
-    """Remove an earlier run's files (:data:`RUN_FILES`) from ``run_dir``; returns what was removed."""
+def clear_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
+    """Remove an earlier run's files (``names``, default :data:`RUN_FILES`) from ``run_dir``; returns what
+    was removed."""
     removed = []
-    for name in RUN_FILES:
+    for name in names:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

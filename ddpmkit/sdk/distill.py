@@ -43,10 +43,9 @@ def per_image(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def euler(f: Drift, x: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Euler's method on ``dx/dt = f`` along the times ``ts`` (1-d; one call per step):
-    x_{i+1} = x_i + (t_{i+1} − t_i)·f(x_i, t_i). Per-image times: ``ts`` shaped ``(steps + 1, B)``."""
+    x_{i+1} = x_i + (t_{i+1} − t_i)·f(x_i, t_i)."""
     for i in range(ts.shape[0] - 1):
-        t, t_next = ts[i], ts[i + 1]
-        t, t_next = (times(t, x), times(t_next, x)) if t.ndim == 0 else (t, t_next)
+        t, t_next = times(ts[i], x), times(ts[i + 1], x)
         x = x + per_image(t_next - t, x) * f(x, t, labels)
     return x
 

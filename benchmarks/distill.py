@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from processes import evaluate  # noqa: E402  (the same sampling and scoring commands)
+from processes import evaluate, finish_axes  # noqa: E402  (the same sampling, scoring and plot axes)
 
 
 def plot(table: str, out: str) -> None:
@@ -42,15 +42,7 @@ def plot(table: str, out: str) -> None:
         style = "--" if label.startswith("teacher") else "-"
         for ax, key in zip(axes, ("kid", "recall")):
             ax.plot([r["calls"] for r in rs], [r[key] for r in rs], style, marker="o", ms=5, label=label)
-    for ax, key in zip(axes, ("KID (digit-classifier features; lower is better)", "recall (higher is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("network calls")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{rows[0]['n']:,} samples against held-out MNIST test digits", fontsize=10)
-    fig.tight_layout()
+    finish_axes(fig, axes, f"{rows[0]['n']:,} samples against held-out MNIST test digits")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}", file=sys.stderr)
 

@@ -45,6 +45,19 @@ def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path) 
     return {"seconds": seconds, **{k: r[k] for k in ("kid", "precision", "recall", "digit_is", "digit_confidence")}}
 
 
+def finish_axes(fig, axes, title: str) -> None:
+    """The two panels' axes (KID on a log scale, recall) against network calls (log 2), the legend, the title."""
+    for ax, key in zip(axes, ("KID (digit-classifier features; lower is better)", "recall (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("network calls")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+
+
 def plot(tables: list[str], out: str) -> None:
     """KID and recall against network calls, one line per process and sampler, from the JSON tables this
     script wrote (``--plot vp.json flow.json edm.json --out docs/processes.png``)."""
@@ -69,15 +82,7 @@ def plot(tables: list[str], out: str) -> None:
             for ax, key in zip(axes, ("kid", "recall")):
                 ax.plot([r["calls"] for r in rs], [r[key] for r in rs], style, color=colour, marker=marker, ms=5,
                         label=f"{process} · {sampler}")
-    for ax, key in zip(axes, ("KID (digit-classifier features; lower is better)", "recall (higher is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("network calls")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("1,000 samples against 1,000 held-out MNIST test digits", fontsize=10)
-    fig.tight_layout()
+    finish_axes(fig, axes, "1,000 samples against 1,000 held-out MNIST test digits")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}", file=sys.stderr)
 

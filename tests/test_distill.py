@@ -99,22 +99,26 @@ def fit(distiller, student, teacher, first=None, batch=256, lr=1e-2, seed=0):
 
 
 # -- each loss against a hand computation ------------------------------------------
-@pytest.mark.parametrize("process", ["flow", "vp"])
-def test_progressive_loss_is_the_hand_computation(process):
+@pytest.mark.parametrize("process,solver,stage", [("flow", "euler", 0), ("vp", "euler", 0), ("flow", "heun", 0),
+                                                  ("vp", "heun", 0), ("flow", "heun", 1)])
+def test_progressive_loss_is_the_hand_computation(process, solver, stage):
     ode = FlowProcess(FlowConfig()) if process == "flow" else vp_ode(100)
     torch.manual_seed(0)
     net_t, net_s = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)  # tiny networks
     teacher = drift_function(lambda x, t: net_t(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
     student = drift_function(lambda x, t: net_s(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
-    d = Progressive(ProgressiveConfig(start=4, calls=1, steps=1), ode)
+    d = Progressive(ProgressiveConfig(start=4, calls=1, steps=1, solver=solver), ode)
     assert [s.calls for s in d.stages] == [2, 1]
     x0 = torch.rand(5, 1, 3, 3) * 2 - 1
-    loss = d.loss(student, teacher, x0, None, stage=0, generator=torch.Generator().manual_seed(3))
-    # by hand: the same draws, two teacher Euler steps on grid(4), one student step on grid(2)
+    loss = d.loss(student, teacher, x0, None, stage=stage, generator=torch.Generator().manual_seed(3))
+    # by hand: the same draws, two teacher steps on grid(2n), one student step on grid(n); the teacher's
+    # steps Heun's only in the first stage with solver = heun, and Euler's where they end at t = 0
+    n = d.stages[stage].calls
+    heun = solver == "heun" and stage == 0
     gen = torch.Generator().manual_seed(3)
-    i = torch.randint(0, 2, (5,), generator=gen)
+    i = torch.randint(0, n, (5,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    fine = ode.grid(4)
+    fine = ode.grid(2 * n)
     want = []
     for b in range(5):
         t0, tm, t1 = fine[2 * i[b]], fine[2 * i[b] + 1], fine[2 * i[b] + 2]
@@ -127,8 +131,12 @@ def test_progressive_loss_is_the_hand_computation(process):
             out = net(inp) * (1 + ode.net_time(tb).float().view(-1, 1, 1, 1) / 1000)
             return ode.drift(out, xx, tb)
 
-        xm = x + float(tm - t0) * f(net_t, x, t0)
-        x2 = xm + float(t1 - tm) * f(net_t, xm, tm)
+        def step(xx, ta, tb):
+            d1 = f(net_t, xx, ta)
+            xe = xx + float(tb - ta) * d1
+            return xx + float(tb - ta) * (d1 + f(net_t, xe, tb)) / 2 if heun and float(tb) > 0 else xe
+
+        x2 = step(step(x, t0, tm), tm, t1)
         xs = x + float(t1 - t0) * f(net_s, x, t0)
         weight = max(1.0, float(t0) ** 2)
         want.append(weight * ((xs - x2) ** 2).mean() / float(t1 - t0) ** 2)
@@ -217,21 +225,27 @@ def teachers(tmp_path_factory):
     return root
 
 
-def job(teacher, out, method="progressive", **options):
+def job(teacher, out, method="progressive", lr_decay=0.0, **options):
     opts = {"progressive": {"start": 4, "calls": 1, "steps": 3},
             "reflow": {"pairs": 12, "teacher_steps": 2, "steps": 5}}[method]
     return Distillation(str(teacher), out, method, {**opts, **options}, batch_size=4, checkpoint_every=2,
-                        num_samples=2, device="cpu", progress=False)
+                        lr_decay=lr_decay, num_samples=2, device="cpu", progress=False)
+
+
+def test_lr_decay_falls_to_zero_over_each_stage_end(teachers, tmp_path):
+    d = job(teachers / "vp", tmp_path / "s", steps=4, lr_decay=0.5)  # 2 stages of 4 steps
+    assert [d._lr(step, step // 4) for step in range(8)] == pytest.approx([3e-4, 3e-4, 3e-4, 1.5e-4] * 2)
+    assert {job(teachers / "vp", tmp_path / "c", steps=4)._lr(s, s // 4) for s in range(8)} == {3e-4}
 
 
 def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path):
     teacher = teachers / "vp"
-    job(teacher, tmp_path / "full").run()  # 2 stages of 3 steps: 4 → 2 → 1 calls
+    job(teacher, tmp_path / "full", lr_decay=0.7).run()  # 2 stages of 3 steps: 4 → 2 → 1 calls
     for stop in (3, 4):  # a stage's end (Adam starts afresh), a stage's middle (Adam's state resumes)
         cut = tmp_path / f"cut{stop}"
-        assert job(teacher, cut).run(stop_after=stop).name == "checkpoints"
+        assert job(teacher, cut, lr_decay=0.7).run(stop_after=stop).name == "checkpoints"
         assert not (cut / "model.safetensors").exists()
-        job(teacher, cut).run(resume=True)
+        job(teacher, cut, lr_decay=0.7).run(resume=True)
         for rel in ["model.safetensors", "stages/calls-2.safetensors", "stages/calls-1.safetensors"]:
             a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(cut / rel))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stop, rel)
@@ -241,11 +255,11 @@ def test_resume_is_the_uninterrupted_distillation(teachers, tmp_path):
 
 def test_sigkill_then_resume_is_the_uninterrupted_distillation(teachers, tmp_path):
     args = ["distill", str(teachers / "flow"), "--method", "reflow", "--set", "distiller.pairs=12", "--set",
-            "distiller.teacher_steps=2", "--steps", "60", "--batch-size", "4", "--checkpoint-every", "5",
+            "distiller.teacher_steps=2", "--steps", "60", "--lr-decay", "0.5", "--batch-size", "4", "--checkpoint-every", "5",
             "--num-samples", "2", "--no-progress", "--device", "cpu"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     # the uninterrupted reference in this process (the same threads as the subprocesses: conftest)
-    job(teachers / "flow", ref, "reflow", pairs=12, teacher_steps=2, steps=60).run()
+    job(teachers / "flow", ref, "reflow", lr_decay=0.5, pairs=12, teacher_steps=2, steps=60).run()
     proc = subprocess.Popen([sys.executable, "-m", "ddpmkit", *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -254,9 +268,9 @@ def test_sigkill_then_resume_is_the_uninterrupted_distillation(teachers, tmp_pat
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.safetensors").exists(), "the distillation finished before it could be killed"
-    r = subprocess.run([sys.executable, "-m", "ddpmkit", "distill", "--resume", str(killed), "--no-progress",
-                        "--device", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    # the resume in this process: what it reads is only what the killed process left on disk
+    r = CliRunner().invoke(cli, ["distill", "--resume", str(killed), "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_file(str(ref / "couplings.safetensors"))["x"].equal(load_file(str(killed / "couplings.safetensors"))["x"])
@@ -294,6 +308,7 @@ def test_student_run_samples_in_its_calls(teachers, tmp_path):
     (["vp", "--method", "reflow", "--out", "OUT"], "reflow straightens"),
     (["vp", "--method", "consistency-x", "--out", "OUT"], "consistency-x"),
     (["vp", "--out", "OUT", "--set", "sampler.steps=3"], "only takes --set distiller"),
+    (["vp", "--out", "OUT", "--lr-decay", "1.5"], "--lr-decay is the share"),
     (["--resume", "OUT"], "nothing to resume"),
     (["vp"], "--out STUDENT"),
 ])

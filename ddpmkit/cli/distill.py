@@ -20,6 +20,8 @@ from ddpmkit.errors import DdpmkitError
               help="A method option, e.g. distiller.pairs=2048 (`ddpmkit plugins --options`).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Adam's learning rate.")
+@click.option("--lr-decay", type=float, default=0.0, show_default=True,
+              help="The share (0–1) of each stage over which the learning rate falls linearly to 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="The classifier-free guidance weight W the student is distilled at (class-conditional teachers).")
@@ -30,7 +32,7 @@ from ddpmkit.errors import DdpmkitError
 @click.option("--overwrite", is_flag=True, help="Replace an earlier distillation in --out.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True)
-def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, seed, guidance, checkpoint_every,
+def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, lr_decay, seed, guidance, checkpoint_every,
                 num_samples, resume, overwrite, device, no_progress):
     """Distill TEACHER (a finished run directory or its model.safetensors) into a student run in --out
     that `ddpmkit sample` draws in the student's number of calls."""
@@ -56,8 +58,9 @@ def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, seed, 
             options["calls"] = calls
         if steps is not None:
             options["steps"] = steps
-        job = Distillation(teacher, out, method or "progressive", options, batch_size=batch_size, lr=lr, seed=seed,
-                           guidance=guidance, checkpoint_every=checkpoint_every, num_samples=num_samples,
+        job = Distillation(teacher, out, method or "progressive", options, batch_size=batch_size, lr=lr,
+                           lr_decay=lr_decay, seed=seed, guidance=guidance, checkpoint_every=checkpoint_every,
+                           num_samples=num_samples,
                            device=device, console=err_console, progress=not no_progress)
         path = job.run(overwrite=overwrite)
     if path.name == "checkpoints":

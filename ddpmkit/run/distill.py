@@ -60,7 +60,7 @@ from ddpmkit.sdk.registry import get_component
 # What a distillation writes; --overwrite removes these and nothing else.
 DISTILL_FILES = ("config.json", "couplings.safetensors", "checkpoints", "stages", "model.safetensors", "samples.png",
                  "metrics.jsonl", "distill.json")
-SETTINGS = ("batch_size", "lr", "seed", "guidance", "checkpoint_every", "log_every", "num_samples")
+SETTINGS = ("batch_size", "lr", "lr_decay", "seed", "guidance", "checkpoint_every", "log_every", "num_samples")
 
 
 def drift_function(model: torch.nn.Module, ode: Any, channels: int, num_classes: int | None, guidance: float = 1.0):
@@ -92,17 +92,20 @@ class Distillation:
     """One distillation into ``out`` (see the module doc); :meth:`run` trains it to the end."""
 
     def __init__(self, teacher: str, out: str | Path, method: str, options: dict[str, Any] | None = None, *,
-                 batch_size: int = 64, lr: float = 3e-4, seed: int = 0, guidance: float = 1.0,
+                 batch_size: int = 64, lr: float = 3e-4, lr_decay: float = 0.0, seed: int = 0, guidance: float = 1.0,
                  checkpoint_every: int = 100, log_every: int = 10, num_samples: int = 64, device: str = "auto",
                  console: Console | None = None, progress: bool = True):
         if batch_size < 1:
             raise DdpmkitError(f"--batch-size must be >= 1, got {batch_size}")
         if not lr > 0:
             raise DdpmkitError(f"--lr must be > 0, got {lr}")
+        if not 0 <= lr_decay <= 1:
+            raise DdpmkitError(f"--lr-decay is the share of each stage over which the learning rate falls to 0: "
+                               f"0 to 1, got {lr_decay}")
         if guidance < 0:
             raise DdpmkitError(f"--guidance must be >= 0, got {guidance}")
         self.teacher_path, self.out, self.method = str(teacher), Path(out), method
-        self.settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "guidance": guidance,
+        self.settings = {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed, "guidance": guidance,
                          "checkpoint_every": checkpoint_every, "log_every": log_every, "num_samples": num_samples}
         self.console, self.progress = console or Console(stderr=True), progress
         self.dev = resolve_device(device)
@@ -156,6 +159,15 @@ class Distillation:
 
     def _stage_end(self, k: int) -> int:
         return sum(s.steps for s in self.stages[: k + 1])
+
+    def _lr(self, step: int, stage: int) -> float:
+        """Adam's learning rate at ``step`` (0-based) of ``stage``: ``lr``, falling linearly to 0 over the stage's
+        last ``lr_decay`` share of steps (so the stage ends on settled weights, not a noisy last step)."""
+        lr, share = self.settings["lr"], self.settings["lr_decay"]
+        if share == 0:
+            return lr
+        end = self._stage_end(stage)
+        return lr * min(1.0, (end - step) / (share * self.stages[stage].steps))
 
     def _generator(self, step: int, salt: int = 0) -> torch.Generator:
         return torch.Generator(device=self.dev).manual_seed(self.settings["seed"] * 1_000_003 + step * 7 + salt)
@@ -259,6 +271,8 @@ class Distillation:
                     loss = self.distiller.loss(f_student, teacher, x0, labels, stage, gen)
                     if not torch.isfinite(loss):
                         raise DdpmkitError(f"the distillation loss is {loss.item()} at step {step + 1}; lower --lr")
+                    for group in optimizer.param_groups:
+                        group["lr"] = self._lr(step, stage)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

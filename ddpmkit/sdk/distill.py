@@ -41,12 +41,31 @@ def per_image(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
+def euler_step(f: Drift, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+               labels: torch.Tensor | None) -> torch.Tensor:
+    """One Euler step of ``dx/dt = f`` from the times ``t`` to ``t_next`` (float64 ``(B,)``; one call):
+    x + (t_next − t)·f(x, t)."""
+    return x + per_image(t_next - t, x) * f(x, t, labels)
+
+
+def heun_step(f: Drift, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+              labels: torch.Tensor | None) -> torch.Tensor:
+    """One Heun step from ``t`` to ``t_next`` (float64 ``(B,)``), as the ``heun`` sampler takes it:
+    Euler's x' = x + h·f(x, t), then x + h·(f(x, t) + f(x', t_next))/2 for the images whose t_next > 0;
+    those that reach t = 0 keep x' (two calls; one where every image reaches 0)."""
+    h = per_image(t_next - t, x)
+    d = f(x, t, labels)
+    x_euler = x + h * d
+    if not bool((t_next > 0).any()):
+        return x_euler
+    corrected = x + h * (d + f(x_euler, t_next, labels)) / 2
+    return torch.where(per_image(t_next, x) > 0, corrected, x_euler)
+
+
 def euler(f: Drift, x: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Euler's method on ``dx/dt = f`` along the times ``ts`` (1-d; one call per step):
-    x_{i+1} = x_i + (t_{i+1} − t_i)·f(x_i, t_i)."""
+    """Euler's method on ``dx/dt = f`` along the times ``ts`` (1-d; one call per step)."""
     for i in range(ts.shape[0] - 1):
-        t, t_next = times(ts[i], x), times(ts[i + 1], x)
-        x = x + per_image(t_next - t, x) * f(x, t, labels)
+        x = euler_step(f, x, times(ts[i], x), times(ts[i + 1], x), labels)
     return x
 
 
@@ -54,11 +73,5 @@ def heun(f: Drift, x: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor | Non
     """Heun's method along the times ``ts`` (1-d), the last step to t = 0 Euler's, as the ``heun``
     sampler (2·steps − 1 calls)."""
     for i in range(ts.shape[0] - 1):
-        t, t_next = times(ts[i], x), times(ts[i + 1], x)
-        h = per_image(t_next - t, x)
-        d = f(x, t, labels)
-        x_next = x + h * d
-        if float(ts[i + 1]) > 0:
-            x_next = x + h * (d + f(x_next, t_next, labels)) / 2
-        x = x_next
+        x = heun_step(f, x, times(ts[i], x), times(ts[i + 1], x), labels)
     return x

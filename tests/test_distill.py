@@ -99,15 +99,16 @@ def fit(distiller, student, teacher, first=None, batch=256, lr=1e-2, seed=0):
 
 
 # -- each loss against a hand computation ------------------------------------------
-@pytest.mark.parametrize("process,solver,stage", [("flow", "euler", 0), ("vp", "euler", 0), ("flow", "heun", 0),
-                                                  ("vp", "heun", 0), ("flow", "heun", 1)])
-def test_progressive_loss_is_the_hand_computation(process, solver, stage):
+@pytest.mark.parametrize("process,solver,stage,metric", [
+    ("flow", "euler", 0, "mse"), ("vp", "euler", 0, "mse"), ("flow", "heun", 0, "mse"), ("vp", "heun", 0, "mse"),
+    ("flow", "heun", 1, "mse"), ("vp", "heun", 0, "pseudo-huber")])
+def test_progressive_loss_is_the_hand_computation(process, solver, stage, metric):
     ode = FlowProcess(FlowConfig()) if process == "flow" else vp_ode(100)
     torch.manual_seed(0)
     net_t, net_s = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)  # tiny networks
     teacher = drift_function(lambda x, t: net_t(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
     student = drift_function(lambda x, t: net_s(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
-    d = Progressive(ProgressiveConfig(start=4, calls=1, steps=1, solver=solver), ode)
+    d = Progressive(ProgressiveConfig(start=4, calls=1, steps=1, solver=solver, metric=metric), ode)
     assert [s.calls for s in d.stages] == [2, 1]
     x0 = torch.rand(5, 1, 3, 3) * 2 - 1
     loss = d.loss(student, teacher, x0, None, stage=stage, generator=torch.Generator().manual_seed(3))
@@ -139,15 +140,18 @@ def test_progressive_loss_is_the_hand_computation(process, solver, stage):
         x2 = step(step(x, t0, tm), tm, t1)
         xs = x + float(t1 - t0) * f(net_s, x, t0)
         weight = max(1.0, float(t0) ** 2)
-        want.append(weight * ((xs - x2) ** 2).mean() / float(t1 - t0) ** 2)
+        e = (xs - x2) / float(t1 - t0)
+        c = 0.00054 * 3  # pseudo-Huber's c for 9 numbers per image
+        want.append(weight * ((e**2).mean() if metric == "mse" else ((e**2).sum() + c**2).sqrt() - c))
     assert torch.allclose(loss, torch.stack(want).mean(), rtol=1e-5)
     loss.backward()  # the student learns; the teacher does not
     assert net_s.weight.grad is not None and net_t.weight.grad is None
 
 
-def test_reflow_loss_is_the_hand_computation(tmp_path):
+@pytest.mark.parametrize("metric", ["mse", "pseudo-huber"])
+def test_reflow_loss_is_the_hand_computation(metric):
     ode = FlowProcess(FlowConfig())
-    d = Reflow(ReflowConfig(pairs=6, one_call=0.5), ode)
+    d = Reflow(ReflowConfig(pairs=6, one_call=0.5, metric=metric), ode)
     d.z, d.x, d.labels = torch.randn(6, 1, 2, 2), torch.rand(6, 1, 2, 2), torch.arange(6) % 3
     torch.manual_seed(1)
     net = torch.nn.Conv2d(1, 1, 1)
@@ -164,7 +168,12 @@ def test_reflow_loss_is_the_hand_computation(tmp_path):
     t[:2] = 1.0  # one_call = 0.5 of the batch at t = 1
     z, x = d.z[idx], d.x[idx]
     xt = (1 - bc(t, x)) * x + bc(t, x) * z
-    want = ((net(xt) * bc(t, x) - (z - x)) ** 2).mean()
+    err = net(xt) * bc(t, x) - (z - x)
+    if metric == "mse":
+        want = (err**2).mean()
+    else:  # per image: sqrt(|err|² + c²) − c, c = 0.00054·sqrt(4 numbers per image)
+        c = 0.00054 * 2
+        want = torch.stack([((e**2).sum() + c**2).sqrt() - c for e in err]).mean()
     assert torch.allclose(loss, want, rtol=1e-6)
     assert torch.equal(seen[0], d.labels[idx])  # the couplings' own labels
 

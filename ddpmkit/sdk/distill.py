@@ -41,6 +41,26 @@ def per_image(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
+METRICS = ("mse", "pseudo-huber")
+
+
+def distance(error: torch.Tensor, metric: str = "mse", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch mean of a per-image distance of ``error`` (``(B, ...)``), each image's term scaled by
+    ``weight`` (``(B,)``, default 1).
+
+    ``mse``: the mean squared error. ``pseudo-huber`` (Song & Dhariwal 2023): sqrt(‖e‖² + c²) − c per image,
+    c = 0.00054·√d with d the numbers in one image; near the squared error (/2c) for small errors and
+    like the L2 norm for large ones, so a few targets the student cannot fit do not dominate its gradient.
+    """
+    w = torch.ones(error.shape[0], dtype=error.dtype, device=error.device) if weight is None else weight.to(error.dtype)
+    if metric == "mse":
+        return (w * error.flatten(1).pow(2).mean(1)).mean()
+    if metric == "pseudo-huber":
+        c = 0.00054 * error[0].numel() ** 0.5
+        return (w * ((error.flatten(1).pow(2).sum(1) + c * c).sqrt() - c)).mean()
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
 def euler_step(f: Drift, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                labels: torch.Tensor | None) -> torch.Tensor:
     """One Euler step of ``dx/dt = f`` from the times ``t`` to ``t_next`` (float64 ``(B,)``; one call):

@@ -34,7 +34,7 @@ import attrs
 import torch
 
 import ddpmkit
-from ddpmkit.sdk.distill import Stage, euler_step, heun_step, per_image
+from ddpmkit.sdk.distill import METRICS, Stage, distance, euler_step, heun_step, per_image
 
 
 @attrs.define
@@ -46,12 +46,15 @@ class ProgressiveConfig:
     steps: optimizer steps per stage. Default 150.
     solver: how the first stage's teacher (the trained run) takes its two steps: "euler" or "heun". Later
         stages' teachers are students, drawn with Euler. Default "euler".
+    metric: the distance in drift space: "mse" (as in the module doc) or "pseudo-huber"
+        (``ddpmkit.sdk.distill.distance``; the weight scales each image's term). Default "mse".
     """
 
     start: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     calls: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     steps: int = attrs.field(default=150, validator=attrs.validators.ge(1))
     solver: str = attrs.field(default="euler", validator=attrs.validators.in_(("euler", "heun")))
+    metric: str = attrs.field(default="mse", validator=attrs.validators.in_(METRICS))
 
 
 class Progressive:
@@ -102,8 +105,7 @@ class Progressive:
             x_target = step(teacher, step(teacher, x, t, t_mid, labels), t_mid, t_next, labels)
         h = per_image(t_next - t, x)
         x_student = x + h * student(x, t, labels)
-        weight = per_image(t.clamp(min=1.0) ** 2, x)
-        return (weight * (x_student - x_target) ** 2 / h ** 2).mean()
+        return distance((x_student - x_target) / h, self.config.metric, weight=t.clamp(min=1.0) ** 2)
 
 
 def make(config: ProgressiveConfig, *, process) -> Progressive:

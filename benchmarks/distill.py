@@ -5,7 +5,7 @@ classifier's feature space against held-out real test digits, digit-score IS bes
 
     python benchmarks/distill.py --teacher RUN --students reflow=STUDENT [progressive=STUDENT2 ...] \\
         --real REAL_DIR [-n 1000] [--calls 1,2,4] [--teacher-runs euler:4,euler:8,heun:8,heun:31] \\
-        [--out distill.json]
+        [--seeds 0] [--out distill.json]
     python benchmarks/distill.py --plot distill.json --out docs/distillation.png
 
 A student is drawn with its own sampler (Euler) at each of --calls (a progressive student's
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--students", nargs="*", default=[], help="NAME=STUDENT_DIR ...")
     ap.add_argument("--real", required=True)
     ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--seeds", default="0", help="sampling seeds; each draws -n images, scored as one pool")
     ap.add_argument("--calls", default="1,2,4")
     ap.add_argument("--teacher-runs", default="euler:4,heun:2,euler:8,euler:64,heun:31")
     ap.add_argument("--out", default="distill.json")
@@ -75,8 +76,10 @@ def main() -> None:
     print("| model | sampler | calls | KID | precision | recall | digit IS | seconds |")
     for who, path, sampler, steps, calls in plan:
         (work / who).mkdir(exist_ok=True)
-        res = evaluate(path, sampler, steps, args.n, args.real, work / who)
-        rows.append({"who": who, "sampler": sampler, "steps": steps, "calls": calls, "n": args.n, **res})
+        seeds = tuple(map(int, args.seeds.split(",")))
+        res = evaluate(path, sampler, steps, args.n, args.real, work / who, seeds)
+        rows.append({"who": who, "sampler": sampler, "steps": steps, "calls": calls, "n": args.n * len(seeds),
+                     "seeds": list(seeds), **res})
         print(f"| {who} | {sampler} | {calls} | {res['kid']:.1f} | {res['precision']:.3f} | {res['recall']:.3f} | "
               f"{res['digit_is']:.2f} | {res['seconds']:.0f} |", flush=True)
         Path(args.out).write_text(json.dumps(rows, indent=2))

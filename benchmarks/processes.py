@@ -30,13 +30,23 @@ SAMPLERS = {
 }
 
 
-def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path) -> dict:
+def evaluate(run: str, sampler: str, steps: int, n: int, real: str, work: Path, seeds: tuple[int, ...] = (0,)) -> dict:
+    """Sample ``n`` images of ``run`` per seed (``ddpmkit sample``), score them all together (``ddpmkit
+    evaluate``: KID, precision/recall, digit-score against the ``real`` folder); ``seconds`` is the sampling time."""
     npz = work / f"{Path(run).name}-{sampler}-{steps}.npz"
-    t0 = time.perf_counter()
-    subprocess.run(["ddpmkit", "sample", run, "-n", str(n), "--format", "npz", "--out", str(npz), "--sampler", sampler,
-                    *(["--steps", str(steps)] if sampler != "ddpm" else []),  # ddpm always takes all T steps
-                    "--no-progress", "--seed", "0"], check=True, capture_output=True)
+    t0, parts = time.perf_counter(), []
+    for seed in seeds:
+        part = npz if len(seeds) == 1 else npz.with_name(f"{npz.stem}-seed{seed}.npz")
+        subprocess.run(["ddpmkit", "sample", run, "-n", str(n), "--format", "npz", "--out", str(part), "--sampler",
+                        sampler, *(["--steps", str(steps)] if sampler != "ddpm" else []),  # ddpm takes all T steps
+                        "--no-progress", "--seed", str(seed)], check=True, capture_output=True)
+        parts.append(part)
     seconds = time.perf_counter() - t0
+    if len(seeds) > 1:  # one pool of len(seeds)·n images
+        import numpy as np
+
+        loaded = [np.load(p) for p in parts]
+        np.savez(npz, *(np.concatenate([z[k] for z in loaded]) for k in loaded[0].files))
     out = work / (npz.stem + ".json")
     subprocess.run(["ddpmkit", "evaluate", "--images", str(npz), "--metric", "kid,precision-recall,digit-score",
                     "--set", "metric.dataset=image-folder", "--set", f"metric.data_root={real}", "--json", str(out),

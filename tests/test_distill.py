@@ -318,6 +318,8 @@ def test_student_run_samples_in_its_calls(teachers, tmp_path):
     (["vp", "--method", "consistency-x", "--out", "OUT"], "consistency-x"),
     (["vp", "--out", "OUT", "--set", "sampler.steps=3"], "only takes --set distiller"),
     (["vp", "--out", "OUT", "--lr-decay", "1.5"], "--lr-decay is the share"),
+    (["vp", "--out", "OUT", "--set", "distiller.solver=rk4"],
+     "invalid option for distiller 'progressive': 'solver' must be in ('euler', 'heun') (got 'rk4')"),
     (["--resume", "OUT"], "nothing to resume"),
     (["vp"], "--out STUDENT"),
 ])

@@ -96,7 +96,9 @@ def build_config(component: Any, options: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise DdpmkitError(f"invalid option for {label}: {exc}") from None
+        # attrs' validators raise with (message, attribute, ...) args: the message is what the user needs
+        message = exc.args[0] if len(exc.args) > 1 and isinstance(exc.args[0], str) else str(exc)
+        raise DdpmkitError(f"invalid option for {label}: {message}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

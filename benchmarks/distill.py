@@ -74,9 +74,9 @@ def main() -> None:
             plan.append((name, str(stage) if stage.exists() else path, "euler", k, k))
     rows = []
     print("| model | sampler | calls | KID | precision | recall | digit IS | seconds |")
+    seeds = tuple(map(int, args.seeds.split(",")))
     for who, path, sampler, steps, calls in plan:
         (work / who).mkdir(exist_ok=True)
-        seeds = tuple(map(int, args.seeds.split(",")))
         res = evaluate(path, sampler, steps, args.n, args.real, work / who, seeds)
         rows.append({"who": who, "sampler": sampler, "steps": steps, "calls": calls, "n": args.n * len(seeds),
                      "seeds": list(seeds), **res})

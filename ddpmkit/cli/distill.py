@@ -60,8 +60,7 @@ def distill_cmd(teacher, method, out, calls, steps, sets, batch_size, lr, lr_dec
             options["steps"] = steps
         job = Distillation(teacher, out, method or "progressive", options, batch_size=batch_size, lr=lr,
                            lr_decay=lr_decay, seed=seed, guidance=guidance, checkpoint_every=checkpoint_every,
-                           num_samples=num_samples,
-                           device=device, console=err_console, progress=not no_progress)
+                           num_samples=num_samples, device=device, console=err_console, progress=not no_progress)
         path = job.run(overwrite=overwrite)
     if path.name == "checkpoints":
         click.echo(f"Stopped with a checkpoint in {path}")

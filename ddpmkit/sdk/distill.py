@@ -52,13 +52,15 @@ def distance(error: torch.Tensor, metric: str = "mse", weight: torch.Tensor | No
     c = 0.00054·√d with d the numbers in one image; near the squared error (/2c) for small errors and
     like the L2 norm for large ones, so a few targets the student cannot fit do not dominate its gradient.
     """
-    w = torch.ones(error.shape[0], dtype=error.dtype, device=error.device) if weight is None else weight.to(error.dtype)
+    squares = error.flatten(1).pow(2)
     if metric == "mse":
-        return (w * error.flatten(1).pow(2).mean(1)).mean()
-    if metric == "pseudo-huber":
+        terms = squares.mean(1)
+    elif metric == "pseudo-huber":
         c = 0.00054 * error[0].numel() ** 0.5
-        return (w * ((error.flatten(1).pow(2).sum(1) + c * c).sqrt() - c)).mean()
-    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        terms = (squares.sum(1) + c * c).sqrt() - c
+    else:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return (terms if weight is None else weight.to(error.dtype) * terms).mean()
 
 
 def euler_step(f: Drift, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,

@@ -7,10 +7,10 @@ Sampling (DDPM, all T steps, ``-n`` images in one batch, the same weights for ev
     diffusers DDPMPipeline fp32 | ddpmkit fp32 eager | ddpmkit fp32 + CUDA graphs |
     diffusers DDPMPipeline with a bf16 UNet | ddpmkit fast path (bf16 autocast + channels-last + TF32
     + CUDA graphs, the CUDA default) | the fast path + torch.compile
-Conditional (the default `laptop` run: class-conditional 28×28 behind the patch stem, random weights):
+Conditional (the `laptop-vp` run: class-conditional 28×28 behind the patch stem, random weights):
     the CUDA default fast path against fp32 eager, at W = 1 and with guidance W = 3 (the doubled
-    batch), Euler-ancestral 20 and DDPM; then `ddpmkit.train` of the preset for a few steps on the
-    CUDA defaults, through its final grid — the path that crashed before the wrappers took labels.
+    batch), Euler-ancestral 20 and DDPM; then `ddpmkit.train` of the default `laptop` preset (a flow)
+    for a few steps on the CUDA defaults, through its final grid — the path that crashed before the wrappers took labels.
 Training (images/s at batch 32, steady state after warm-up steps):
     a hand-written fp32 loop | ddpmkit.train fp32 | ddpmkit.train fast path (bf16 + channels-last +
     TF32, the CUDA default) | the fast path + torch.compile
@@ -136,7 +136,7 @@ def sampling(args, dev, results):
 
 
 def conditional(args, dev, results):
-    config = ddpmkit.preset_config("laptop")
+    config = ddpmkit.preset_config("laptop-vp")  # the vp samplers below need the vp process
     torch.manual_seed(0)
     diffusion, _ = build_diffusion(config)
     model, _ = build_predictor(config, DataShape(1, 28, 10))

@@ -1,7 +1,7 @@
 """Quality against post-hoc EMA length (docs/benchmarks.md): plots what ``ddpmkit ema RUN --sigma-rel ...
 --metric digit-judges,kid,precision-recall`` wrote into each RUN/ema.json, one line per run.
 
-    ddpmkit run --posthoc-ema --out vp
+    ddpmkit run --preset laptop-vp --posthoc-ema --out vp
     ddpmkit ema vp --sigma-rel 0.02,0.04,0.06,0.08,0.10,0.15,0.20 -n 500 --metric digit-judges,kid,precision-recall \\
         --set metric.mnist_root=../shared/data/mnist --set metric.dataset=image-folder --set metric.data_root=real1000
     python benchmarks/posthoc_ema.py vp [flow ...] --out docs/posthoc-ema.png

@@ -100,15 +100,51 @@ def test_presets_are_the_seed_table_1():
 
 
 def test_laptop_is_28x28_with_the_tiny_network_behind_a_patch_stem():
-    laptop, tiny = ddpmkit.preset_config("laptop"), ddpmkit.preset_config("tiny")
-    assert laptop.dataset.options["resolution"] == 28 and tiny.dataset.options["resolution"] == 16
-    assert laptop.predictor.options == {**tiny.predictor.options, "patch_size": 2, "pad": 2}
+    laptop, vp, tiny = (ddpmkit.preset_config(n) for n in ("laptop", "laptop-vp", "tiny"))
+    for cfg in (laptop, vp):
+        assert cfg.dataset.options["resolution"] == 28 and tiny.dataset.options["resolution"] == 16
+        assert cfg.predictor.options == {**tiny.predictor.options, "patch_size": 2, "pad": 2}
+        assert cfg.class_conditional and cfg.label_dropout == 0.1 and cfg.num_samples == 100
+        assert (cfg.lr, cfg.lr_decay) == (5e-3, "cosine")
     # the network inside works at (28 + 2·2) / 2 = 16, the tiny preset's side: same levels, same attention
     built = ddpmkit.build("predictor", "unet2d", laptop.predictor.options, channels=1, resolution=28)
     assert built.unet.config.sample_size == 16
-    assert laptop.sampler.name == "euler-ancestral" and int(laptop.sampler.options["steps"]) == 20
-    assert laptop.class_conditional and laptop.label_dropout == 0.1 and laptop.num_samples == 100
-    assert (laptop.schedule.options["timesteps"], laptop.lr, laptop.lr_decay, laptop.epochs) == (500, 5e-3, "cosine", 11)
+    # the default before issue 30, kept as laptop-vp: DDPM, T = 500, 11 epochs, Euler-ancestral 20
+    assert vp.process.name == "vp" and vp.sampler.name == "euler-ancestral" and int(vp.sampler.options["steps"]) == 20
+    assert (vp.schedule.options["timesteps"], vp.epochs, vp.batch_size) == (500, 11, 64)
+    # the default: a flow with logit-normal times, 16 epochs, Heun at 8 steps
+    assert laptop.process.name == "flow" and laptop.process.options == {"time": "logit-normal"}
+    assert laptop.sampler.name == "heun" and int(laptop.sampler.options["steps"]) == 8
+    assert (laptop.epochs, laptop.batch_size) == (18, 32)
+
+
+@pytest.mark.parametrize("names, overrides, changes, preset", [
+    ({}, {}, {}, "laptop"),
+    ({"sampler": "euler"}, {}, {}, "laptop"),                    # serves flow: stays the flow default
+    ({"process": "edm"}, {}, {}, "laptop"),                       # another continuous process: the default's recipe
+    ({"process": "vp"}, {}, {}, "laptop-vp"),
+    ({"schedule": "cosine"}, {}, {}, "laptop-vp"),                # vp-only options, no process named
+    ({}, {"schedule": {"timesteps": "300"}}, {}, "laptop-vp"),
+    ({}, {}, {"prediction": "v"}, "laptop-vp"),
+    ({}, {}, {"min_snr_gamma": 5.0}, "laptop-vp"),
+    ({"timestep_sampler": "loss-aware"}, {}, {}, "laptop-vp"),
+    ({"sampler": "ddim"}, {}, {}, "laptop-vp"),                   # a sampler that serves only vp
+    ({"process": "flow", "sampler": "euler"}, {}, {}, "laptop"),
+])
+def test_a_run_that_asks_for_vp_starts_from_the_laptop_presets_vp_form(names, overrides, changes, preset):
+    """`ddpmkit run --schedule cosine` (or --process vp, --prediction, a vp-only sampler, ...) on the default
+    starts from laptop-vp, the default before the flow recipe, with the option applied; the rest stay on laptop."""
+    from ddpmkit.run.presets import resolve_run_config
+
+    cfg = resolve_run_config(None, names, overrides, changes)
+    assert cfg.preset == preset and cfg.process.name == names.get("process", "vp" if preset == "laptop-vp" else "flow")
+    if "schedule" in names:
+        assert cfg.schedule.name == names["schedule"]
+    if overrides:
+        assert int(cfg.schedule.options["timesteps"]) == 300
+    assert cfg.epochs == (11 if preset == "laptop-vp" else 18)
+    # an explicit preset is kept as it is
+    assert resolve_run_config("tiny", names, overrides, changes).preset == "tiny"
 
 
 def test_mnist_5k_cache_holds_the_same_digits(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ def invoke(*args):
 
 
 def test_vp_is_the_default_and_builds_the_same_gaussian_diffusion():
-    config = ddpmkit.preset_config("laptop")
+    """vp is RunConfig's default process (and laptop-vp's, the default preset before issue 30)."""
+    assert ddpmkit.RunConfig().process.name == "vp" and ddpmkit.preset_config("tiny").process.name == "vp"
+    config = ddpmkit.preset_config("laptop-vp")
     assert config.process.name == "vp"
     process, _, proc_cfg = build_process(config)
     betas = ddpmkit.build("schedule", "linear", {"timesteps": 500})

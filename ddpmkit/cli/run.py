@@ -48,8 +48,9 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 
 @click.command()
 @click.option("--preset", default=None,
-              help="Start from a preset: laptop (default: 28×28, class-conditional), tiny (16×16, for slower "
-                   "machines), tiny-cond, mnist, aircraft (the seed's Table 1).")
+              help="Start from a preset: laptop (default: 28×28, class-conditional, a flow), laptop-vp (the "
+                   "default before: DDPM; --process vp or a vp-only option such as --schedule starts from it), tiny "
+                   "(16×16, for slower machines), tiny-cond, mnist, aircraft (the seed's Table 1).")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="Start from a configuration file instead of a preset: an earlier run's config.json (run it again "
                    "like that one) or a JSON object of RunConfig fields. The other flags change it.")

@@ -321,3 +321,29 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     steps = re.findall(r"SIGTERM: stopped at step (\d+) of 80;", err)
     assert len(steps) == 2 and steps[0] == steps[1], err[:3000]
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{int(steps[0]):08d}.safetensors"]
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata from a hash map whose order changes between maps and processes;
+    write_tensors sorts it, so a model file is a pure function of its contents. Written 6 times in this
+    process and once in another, with 8 metadata keys: one set of bytes, and it reads back the same."""
+    from safetensors import safe_open
+
+    from ddpmkit.sdk.files import write_tensors
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float64)}
+    metadata = {f"key{k}": f"value {k} é" for k in (5, 1, 7, 3, 0, 6, 2, 4)}
+    paths = [write_tensors(tmp_path / f"{i}.safetensors", tensors, metadata) for i in range(6)]
+    code = ("import sys, torch; from ddpmkit.sdk.files import write_tensors; "
+            "write_tensors(sys.argv[1], {'w': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(4, dtype=torch.float64)}, "
+            "{f'key{k}': f'value {k} é' for k in (5, 1, 7, 3, 0, 6, 2, 4)})")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other.safetensors")], check=True)
+    paths.append(tmp_path / "other.safetensors")
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == metadata
+    data = paths[0].read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert list(header) == ["__metadata__", "b", "w"] and list(header["__metadata__"]) == sorted(metadata)
+    loaded = load_file(str(paths[0]))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

@@ -59,7 +59,31 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write(path, write)
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors file's header in place with its metadata keys sorted. safetensors writes the
+    metadata from a hash map whose order changes from process to process, so the same tensors and
+    metadata gave files that differed in their header; sorted, the same inputs give the same bytes.
+    The header keeps its length (the same JSON, reordered; padded with spaces, as the format allows)."""
+    with open(path, "rb+") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # (always, for the JSON safetensors writes; otherwise the file stays as written)
+            fh.seek(8)
+            fh.write(text.ljust(n, b" "))
+
+
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Tensors (moved to the CPU, made contiguous) and string metadata to one safetensors file, atomically."""
+    """Tensors (moved to the CPU, made contiguous) and string metadata to one safetensors file, atomically;
+    the same tensors and metadata always give the same bytes (metadata keys sorted)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
+
+    return atomic_write(path, write)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ddpmkit.errors import DdpmkitError
 from ddpmkit.sdk.data import default_data_root, folder_fingerprint, item_image
-from ddpmkit.sdk.files import atomic_write
+from ddpmkit.sdk.files import write_tensors
 from ddpmkit.sdk.registry import build, get_component
 
 PROTOCOLS = ("seed", "torch-fidelity")
@@ -613,10 +613,10 @@ class FeatureMetric:
         digest, key = self.config.reference_key(resolution, features=name,
                                                 version=getattr(self, "_version", None))
         path = self.config.cache_path("features-", resolution, digest)
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         if path.exists():
             return load_file(str(path))["features"]
         f = fn(self.config.reference_set(resolution)).float().cpu().contiguous()
-        atomic_write(path, lambda tmp: save_file({"features": f}, tmp, metadata={"key": key}))
+        write_tensors(path, {"features": f}, {"key": key})
         return f

@@ -142,11 +142,13 @@ def list_kind_changes(changes: dict[str, Any], overrides: dict[str, dict]) -> di
 
 def resolve_run_config(preset: str | None, names: dict | None = None, overrides: dict | None = None,
                        changes: dict | None = None, data_root: str | None = None,
-                       base: RunConfig | None = None) -> RunConfig:
+                       base: RunConfig | None = None, strict: bool = True) -> RunConfig:
     """The run configuration ``ddpmkit run`` (and each sweep trial) trains with: ``base`` (default: the
     ``preset``, itself defaulting to ``laptop``) with component ``names`` (``{section: name}``), component
     ``overrides`` (``{section: {option: value}}``) and RunConfig ``changes`` applied. Every name and option is
-    checked here, before anything is written: a bad one → :class:`DdpmkitError` (one line)."""
+    checked here, before anything is written: a bad one → :class:`DdpmkitError` (one line). ``strict``
+    (default): a schedule asked for on a process that reads none is one too; a sweep trial passes False,
+    since a space that chooses the process and the schedule draws a schedule for every trial."""
     names, overrides, changes = names or {}, overrides or {}, changes or {}
     if base is None and (preset or "laptop") in VP_FORMS and asks_for_vp(names, overrides, changes):
         preset = VP_FORMS[preset or "laptop"]  # the preset's own vp recipe, not its flow one with vp swapped in
@@ -177,6 +179,20 @@ def resolve_run_config(preset: str | None, names: dict | None = None, overrides:
                 spec.options["data_root"] = data_root
         comp.build_config(spec.options)  # a bad option fails here, before anything is written
     try:
-        return attrs.evolve(config, **{**tied.get("run", {}), **changes})
+        config = attrs.evolve(config, **{**tied.get("run", {}), **changes})
     except (ValueError, TypeError) as exc:
         raise DdpmkitError(f"invalid option: {exc}") from None
+    if strict and ("schedule" in names or "schedule" in overrides):
+        _check_schedule_is_read(config)
+    return config
+
+
+def _check_schedule_is_read(config: RunConfig) -> None:
+    """A schedule asked for (``--schedule``, ``--set schedule.*``) on a process that does not read it
+    (a continuous one, unless it says ``uses_schedule = True``) → one line, not a silent no-op."""
+    from ddpmkit.run.assembly import build_process
+
+    process, _, _ = build_process(config)
+    if not getattr(process, "uses_schedule", not getattr(process, "continuous", False)):
+        raise DdpmkitError(f"--schedule sets the vp process's β schedule; process '{config.process.name}' has its own "
+                           f"time distribution and reads none (drop --schedule / --set schedule.*, or use --process vp)")

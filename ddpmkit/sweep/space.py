@@ -241,4 +241,4 @@ def trial_config(preset: str | None, values: dict[str, Any], base_changes: dict 
         if (names[kind] if kind in names else getattr(base, kind).name) == component:
             overrides.setdefault(kind, {})[option] = _option_text(value)
     changes = list_kind_changes(changes, overrides)
-    return resolve_run_config(preset, names, overrides, changes)
+    return resolve_run_config(preset, names, overrides, changes, strict=False)

@@ -44,6 +44,13 @@ TINY_UNET = small_run({k: None for k in SMALL_RUN if not k.startswith("predictor
 TINY_RUN = small_run()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` (each half a minute or more on one thread) run first: under xdist's
+    worksteal they start on one worker while the other takes the short ones, and the session ends
+    on short tests instead of waiting for a long one that happened to come last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Each test sees a freshly loaded plugin manager (entry points reloaded)."""

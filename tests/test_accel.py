@@ -144,6 +144,7 @@ def test_compile_runs_the_same_function():
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_training_with_channels_last_and_bf16_on_cpu(tmp_path):
     config = laptop(3, timesteps=50, log_every=1)
     base = ddpmkit.train(config, tmp_path / "a", device="cpu", progress=False, sample_grid=False)

@@ -66,6 +66,7 @@ def test_nearest_neighbours_exact_and_faiss_agree():
 
 
 # -- the metrics on images and InceptionV3 weights, against torch-fidelity end to end -------------
+@pytest.mark.slow
 def test_kid_and_precision_recall_plugins_match_torch_fidelity(fidelity_weights, tmp_path):
     import torch_fidelity
 

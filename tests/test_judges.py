@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
                                 reason="../shared/data/mnist is absent")
 
 
+@pytest.mark.slow
 def test_real_digits_score_like_real_and_noised_ones_do_not_under_either_judge(digit_cache):
     from ddpmkit_plugins.metrics.digit_judges import REFERENCE, mnist_test
 

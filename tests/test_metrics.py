@@ -99,6 +99,7 @@ def test_seed_protocol_matches_torchmetrics(timm_weights):
     assert min(results) >= 1.5 and abs(results[0] - results[1]) > 0.05
 
 
+@pytest.mark.slow
 def test_fid_matches_torch_fidelity(fidelity_weights, tmp_path):
     import torch_fidelity
     from torch_fidelity.metric_fid import fid_statistics_to_metric

@@ -52,6 +52,7 @@ def test_decoder_values_are_unchanged_by_the_masking():
     assert torch.allclose(decoder(x, mean, ls), ref, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_loss_aware_under_two_ranks_follows_one_process(tmp_path):
     """torchrun, 2 CPU ranks (gloo), loss-aware t at the same global batch as one process: every rank
     learns from the whole batch, so the histories (and so the draws of t, and the losses) are the same."""

@@ -103,6 +103,7 @@ def two_workers_share_a_study(tmp_path, storage: str | None, digit_cache):
     return trials
 
 
+@pytest.mark.slow
 def test_two_sqlite_workers_share_one_study(tmp_path, digit_cache):
     trials = two_workers_share_a_study(tmp_path, None, digit_cache)
     # --show: the table, sweep.json with the best trial, the two plots

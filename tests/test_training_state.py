@@ -37,6 +37,7 @@ def assert_same(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     steps = ["--max-steps", "120", "--checkpoint-every", "10", "--keep", "3", "--epochs", "10",
              "--set", "predictor.dropout=0.1",  # dropout: the global RNG must be restored too
@@ -229,6 +230,7 @@ def test_export_to_diffusers_pipeline(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "stem-exported").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch → the same loss trajectory."""
     common = [*BASE, "--max-steps", "6", "--log-every", "1"]

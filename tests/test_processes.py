@@ -373,3 +373,26 @@ def test_ode_nll_scores_every_process_on_held_out_images(tmp_path):
             assert r.exit_code == 0, r.output
             values.append(json.loads((tmp_path / "e.json").read_text())["results"]["ode_nll_bpd"])
         assert values[0] == values[1] and 0 < values[0] < 100, values
+
+
+def test_a_continuous_process_that_reads_the_schedule_may_say_so():
+    """`uses_schedule = True` on a continuous process lets `--schedule` through (a continuous VP made from the
+    betas, say); without it the same request is one line (as for flow and edm above)."""
+    from ddpmkit.run.presets import resolve_run_config
+    from ddpmkit_plugins.processes.flow import FlowConfig, FlowProcess
+
+    class ScheduledFlow(FlowProcess):
+        uses_schedule = True
+
+    class Plugin:
+        @staticmethod
+        @ddpmkit.hookimpl
+        def register_processes(register):
+            register("scheduled-flow", lambda config, **_: ScheduledFlow(config), FlowConfig, "reads the betas")
+            register("plain-flow", lambda config, **_: FlowProcess(config), FlowConfig, "reads none")
+
+    ddpmkit.register_plugin(Plugin(), name="scheduled")
+    config = resolve_run_config("tiny", {"process": "scheduled-flow", "schedule": "cosine"})
+    assert (config.process.name, config.schedule.name) == ("scheduled-flow", "cosine")
+    with pytest.raises(ddpmkit.DdpmkitError, match="process 'plain-flow' has its own time distribution"):
+        resolve_run_config("tiny", {"process": "plain-flow", "schedule": "cosine"})

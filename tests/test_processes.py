@@ -362,8 +362,8 @@ def test_ode_nll_scores_every_process_on_held_out_images(tmp_path):
     """`evaluate --metric ode-nll` on a flow and a vp run: finite bits/dim; the same seed, the same value."""
     for process in ("flow", "vp"):
         run = tmp_path / process
-        vp_only = {} if process == "vp" else {"schedule.timesteps": None}  # flow reads no schedule
-        r = invoke("run", "--process", process, *small_run(vp_only, max_steps=2, samples=2), "--sampler", "heun",
+        changes = {} if process == "vp" else {"schedule.timesteps": None}  # flow reads no schedule: set none
+        r = invoke("run", "--process", process, *small_run(changes, max_steps=2, samples=2), "--sampler", "heun",
                    "--steps", "2", "--out", str(run))
         assert r.exit_code == 0, r.output
         values = []

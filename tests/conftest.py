@@ -6,9 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-# Tests must be reproducible and CPU-only. Under pytest-xdist (the README's `-n auto`) the cores are
-# shared out between the workers, and processes the tests start get the same share.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tests must be reproducible and CPU-only: CUDA is hidden, except with DDPMKIT_TEST_CUDA=1 (on a GPU
+# machine, for the CUDA tests of tests/test_accel.py: benchmarks/gpu_lease.sh). Under pytest-xdist
+# (the README's `-n auto`) the cores are shared out between the workers, and processes the tests
+# start get the same share.
+if os.environ.get("DDPMKIT_TEST_CUDA") != "1":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
 if _WORKERS > 1:

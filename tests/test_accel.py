@@ -14,10 +14,13 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
 from ddpmkit.run.accel import FastPath, _Eager, _Graphed, accelerated, is_eager, model_memory_format, tf32_mode
+from ddpmkit.run.assembly import build_diffusion
+from ddpmkit.run.pipeline import Pipeline
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -61,6 +64,46 @@ def test_auto_resolves_per_device():
         FastPath(cuda_graphs=True).resolve(CPU)
     with pytest.raises(ValueError):
         FastPath(precision="fp16")
+
+
+def test_resolve_device_gives_cuda_its_index(monkeypatch):
+    """`torch.cuda.set_device` refuses an index-less "cuda" (the default `ddpmkit run` on a GPU
+    machine failed so): a CUDA device always comes back as cuda:N."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert ddpmkit.resolve_device("auto") == torch.device("cuda", 0)
+    assert ddpmkit.resolve_device(None) == torch.device("cuda", 0)
+    assert ddpmkit.resolve_device("cuda") == torch.device("cuda", 0)
+    assert ddpmkit.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert ddpmkit.resolve_device("cpu") == CPU
+
+
+def test_plain_fp32_sampling_turns_cudnn_tf32_off():
+    """fp32 means full fp32: PyTorch runs cuDNN convolutions in TF32 by default, so the plain eager
+    path (nothing else to wrap) still sets TF32 off around the network, and restores it after."""
+    config = laptop(1, timesteps=5)
+    diffusion, _ = build_diffusion(config)
+    seen, net = [], small_unet()
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, **conditions):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+            return self.net(x, t, **conditions)
+
+    pipe = Pipeline(Spy(), diffusion, 1, 8, config, CPU)
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    try:
+        pipe.sample(2, seed=0, fast=FastPath.eager())
+        assert seen and set(seen) == {(False, "highest")}
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
 
 
 def test_from_run_takes_the_config_and_overrides():
@@ -281,6 +324,15 @@ def test_training_reads_the_loss_only_when_it_logs(tmp_path, monkeypatch):
     assert 2 <= len(reads) <= 4, len(reads)  # steps 10 and 20 (+ the final checkpoint), not 20 reads
     logged = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(logged) == 2
+
+
+@cuda_only
+def test_cuda_cli_run_with_the_default_device(tmp_path):
+    """`ddpmkit run` with no --device on a GPU machine: the CUDA defaults, through the final grid."""
+    r = CliRunner().invoke(cli, small_run(device=None, out=str(tmp_path / "run")))
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (tmp_path / "run" / "samples.png").exists() and config["max_steps"] == 3
 
 
 @cuda_only

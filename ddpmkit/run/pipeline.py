@@ -18,7 +18,7 @@ import torch
 
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.run.accel import FastPath, accelerated, is_eager
+from ddpmkit.run.accel import FastPath, accelerated, is_eager, tf32_mode
 from ddpmkit.run.assembly import DataShape, build_diffusion, build_predictor, build_sampler
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.model_file import read_weights_file
@@ -27,15 +27,19 @@ from ddpmkit.sdk.metrics import to_uint8
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` → CUDA when present, else CPU; anything else as given."""
+    """``None``/``"auto"`` → CUDA when present, else CPU; anything else as given. A CUDA device
+    always comes back with its index (``cuda`` → ``cuda:N``, N the current device), which
+    ``torch.cuda.set_device`` and per-device state need."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise DdpmkitError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DdpmkitError(f"device '{device}' asked for but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -155,6 +159,8 @@ class Pipeline:
         try:
             with contextlib.ExitStack() as stack:
                 model = self.model
+                # Full fp32 means full fp32 on CUDA too: cuDNN convolutions run in TF32 unless told not to.
+                stack.enter_context(tf32_mode(fast.resolve(self.device).tf32))
                 if not is_eager(fast, self.device):
                     model = stack.enter_context(accelerated(self.model, fast, self.device))
                 for b_i, b in enumerate(batches):

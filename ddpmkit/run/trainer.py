@@ -403,13 +403,19 @@ class Trainer:
         """(optimizer, lr schedule, EMA or None, the EMA's model or None, the network the loop calls:
         the model, wrapped in DDP under torchrun and compiled when asked)."""
         c, model = self.config, self.model
-        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+        # On CUDA a small network's step is bound by kernel launches: Adam fused into one kernel and
+        # the EMA as one foreach update (the default run's U-Net has 183 tensors: 549 launches per
+        # step in diffusers' per-tensor loop, 2 as foreach). On the CPU both stay as they were (the
+        # same bytes as before: foreach rounds differently).
+        cuda = self.dev.type == "cuda"
+        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, **({"fused": True} if cuda else {}))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         ema = ema_model = None
         if c.ema_decay:
             from diffusers.training_utils import EMAModel
 
-            ema = EMAModel(model.parameters(), decay=c.ema_decay)  # warm-up: min(decay, (1 + n)/(10 + n))
+            # warm-up: min(decay, (1 + n)/(10 + n))
+            ema = EMAModel(model.parameters(), decay=c.ema_decay, foreach=cuda)
             ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         net = model
         if self.dist.enabled:

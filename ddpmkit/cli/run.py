@@ -58,7 +58,8 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
               help="Where the dataset lives or is downloaded to (datasets with a data_root option; "
                    "default ~/.cache/ddpmkit/datasets).")
 @click.option("--schedule", default=None, help="Noise schedule by name (see `ddpmkit plugins`).")
-@click.option("--process", default=None, help="Diffusion process: vp (DDPM), flow (flow matching) or edm (default: the preset's; laptop: flow).")
+@click.option("--process", default=None,
+              help="Diffusion process: vp (DDPM), flow (flow matching) or edm (default: the preset's; laptop: flow).")
 @click.option("--predictor", default=None, help="Noise predictor by name.")
 @click.option("--loss", default=None, help="Loss by name.")
 @click.option("--dataset", default=None, help="Dataset by name.")

@@ -90,7 +90,9 @@ def test_kid_and_precision_recall_plugins_match_torch_fidelity(fidelity_weights,
     ours = kid(fake)
     assert kid.feature_space.startswith("inception pool3 (torch-fidelity protocol")
     assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
-    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-5)
+    # the std of 15 subset estimates is a difference of float32 sums in torch-fidelity: 1.05e-5 apart
+    # on one processor (2026-12-04), under 1e-5 on another
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=5e-5)
     assert ours["kid"] > 0.01  # non-trivial: the two sets differ under these weights
     theirs = torch_fidelity.calculate_metrics(input1=U8(a), input2=U8(b), prc=True, **tf)
     prc = ddpmkit.build("metric", "precision-recall", {**common, "data_root": str(close_dir)}, device="cpu")

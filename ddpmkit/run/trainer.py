@@ -704,6 +704,9 @@ class Trainer:
         """Checkpoint the step just finished and raise :class:`Interrupted` with the resume command."""
         if self.last_saved != self.state.step:
             self.checkpoint()
+        # Under torchrun every rank is here at the same step: wait until rank 0's file is written, so
+        # no rank names a checkpoint that does not exist yet, and all leave (and tear down) together.
+        self.dist.barrier()
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.safetensors"
         name = signal.Signals(self.stop_signal).name
         raise Interrupted(f"{name}: stopped at step {self.state.step} of {self.total}; checkpoint {path}. "

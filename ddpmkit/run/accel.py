@@ -180,9 +180,15 @@ def accelerated(model: torch.nn.Module, fast: FastPath, device: torch.device) ->
     """``model`` as a ``fn(x, t, **conditions) -> fp32 output`` running on the fast path, for the duration of the block.
 
     Channels-last converts the model's weights in place and converts them back on exit; TF32 is set
-    and restored likewise; graphs and compiled code are dropped on exit.
+    and restored likewise — also on plain fp32 eager execution (:func:`is_eager`), where the model
+    itself is yielded unwrapped: cuDNN runs convolutions in TF32 unless told not to; graphs and
+    compiled code are dropped on exit.
     """
     fast = fast.resolve(device)
+    if is_eager(fast, device):
+        with tf32_mode(fast.tf32):
+            yield model
+        return
     fmt_before = model_memory_format(model)
 
     def convert(fmt: torch.memory_format) -> None:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -18,7 +17,7 @@ import torch
 
 from ddpmkit.diffusion import GaussianDiffusion
 from ddpmkit.errors import DdpmkitError
-from ddpmkit.run.accel import FastPath, accelerated, is_eager, tf32_mode
+from ddpmkit.run.accel import FastPath, accelerated
 from ddpmkit.run.assembly import DataShape, build_diffusion, build_predictor, build_sampler
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.model_file import read_weights_file
@@ -157,12 +156,7 @@ class Pipeline:
         batches = [min(batch_size, n - i) for i in range(0, n, batch_size)]
         total = T * len(batches)
         try:
-            with contextlib.ExitStack() as stack:
-                model = self.model
-                # Full fp32 means full fp32 on CUDA too: cuDNN convolutions run in TF32 unless told not to.
-                stack.enter_context(tf32_mode(fast.resolve(self.device).tf32))
-                if not is_eager(fast, self.device):
-                    model = stack.enter_context(accelerated(self.model, fast, self.device))
+            with accelerated(self.model, fast, self.device) as model:
                 for b_i, b in enumerate(batches):
                     cb = None if progress is None else (lambda k, _o=b_i * T: progress(_o + k, total))
                     net = model if labels is None else \

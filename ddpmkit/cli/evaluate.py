@@ -98,7 +98,7 @@ def _evaluate(checkpoint, images_dir, metric_names, n, json_out, figures_dir, cl
             images = quantize(images)
     per_metric: dict[str, dict[str, float]] = {}
     with make_progress(err_console, not no_progress) as bar:
-        context = MetricContext(pipeline=pipe, seed=seed, labels=labels)
+        context = MetricContext(pipeline=pipe, seed=seed, labels=labels if pipe is None else pipe.data_classes(labels))
         for name, metric in metrics.items():
             per_metric[name] = evaluate_images(images, {name: metric}, bar=bar, context=context)
     _report(images.shape[0], metrics, per_metric, metric_names, metric_opts, source, json_out, figures_dir)

@@ -23,7 +23,7 @@ from ddpmkit.sdk.kinds import SECTIONS
 RUN_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "seed", "num_samples", "variance_type", "clip_sample",
               "num_workers", "prediction", "min_snr_gamma", "ema_decay", "posthoc_ema", "warmup_steps", "lr_decay", "grad_accum",
               "grad_clip", "checkpoint_every", "checkpoint_epochs", "keep_checkpoints", "log_every", "grid_every", "eval_every",
-              "eval_samples", "class_conditional", "label_dropout")
+              "eval_samples", "class_conditional", "label_dropout", "clusters")
 
 
 def _run_request(opts: dict) -> tuple[dict, dict, dict]:
@@ -90,6 +90,10 @@ def _run_request(opts: dict) -> tuple[dict, dict, dict]:
 @click.option("--clip/--no-clip", "clip_sample", default=None, help="Clip the predicted x_0 to [-1, 1] while sampling.")
 @click.option("--class-conditional/--unconditional", "class_conditional", default=None,
               help="Give the predictor the dataset's class labels (class_labels=).")
+@click.option("--clusters", type=int, default=None, metavar="K",
+              help="With --unconditional: condition the network on K k-means clusters of the training images (no "
+                   "labels used; sampling draws the clusters by their frequency, so the images are of p(x)); 0: none. "
+                   "Default: the preset's (laptop: 100, the others 0).")
 @click.option("--label-dropout", type=float, default=None,
               help="With --class-conditional: replace a label by 'no class' with this probability (e.g. 0.1), "
                    "so one network learns p(x|y) and p(x) for classifier-free guidance.")

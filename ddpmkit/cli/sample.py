@@ -68,6 +68,7 @@ def sample(checkpoint, n, fmt, out, seed, batch_size, sampler, steps, sets, clas
     images = sample_with_progress(pipe, n, err_console, not no_progress, seed=seed, batch_size=batch_size,
                                   sampler=sampler, sampler_options=options or None, fast=_fast_path(pipe, fast),
                                   class_labels=labels, guidance=guidance)
+    labels = pipe.data_classes(labels)  # a cluster is not a class of the data: files are not named by it
     if fmt == "png":
         save_image_files(images, out, labels, pipe.classes)
     elif fmt == "npz":

@@ -30,15 +30,22 @@ def _names(value):
     return None if value is None else tuple(str(v) for v in value)
 
 
+def _sizes(value):
+    return None if value is None else tuple(int(v) for v in value)
+
+
 @attrs.frozen
 class DataShape:
     """What the predictor is built for: image channels, side, and for class-conditional runs the
-    class count K and the class names (label K is "no class", for classifier-free guidance)."""
+    class count K and the class names (label K is "no class", for classifier-free guidance). A run
+    conditioned on clusters (``--clusters K``, :mod:`ddpmkit.run.clusters`) has K "classes" that are
+    clusters, and ``clusters`` holds how many training images each has (sampling draws them so)."""
 
     channels: int
     resolution: int
     num_classes: int | None = None
     classes: tuple[str, ...] | None = attrs.field(default=None, converter=_names)
+    clusters: tuple[int, ...] | None = attrs.field(default=None, converter=_sizes)
 
 
 def component(config: RunConfig, kind: str) -> Component:
@@ -99,6 +106,36 @@ def build_dataset(config: RunConfig) -> tuple[Any, Any, DataShape]:
                                    names if names is not None and len(names) == num_classes else None)
 
 
+def cluster_labelled(config: RunConfig, dataset: Any, shape: DataShape) -> tuple[Any, DataShape]:
+    """With ``config.clusters`` = K > 0: the dataset with each image's k-means cluster as its label, and
+    the shape of a K-cluster run (:mod:`ddpmkit.run.clusters`); otherwise both unchanged. The run must
+    not also be class-conditional (clusters take the labels' place)."""
+    if not config.clusters:
+        return dataset, shape
+    if config.class_conditional:
+        raise DdpmkitError("--clusters conditions the network on k-means clusters of the images in place of "
+                           "labels; use it with --unconditional (or drop --clusters)")
+    from ddpmkit.run.clusters import ClusterLabelled, cluster_images, cluster_sizes
+
+    try:
+        assignments = cluster_images(dataset, config.clusters, config.seed)
+    except ValueError as exc:
+        raise DdpmkitError(str(exc)) from None
+    return ClusterLabelled(dataset, assignments), DataShape(shape.channels, shape.resolution, config.clusters,
+                                                            clusters=cluster_sizes(assignments, config.clusters))
+
+
+def training_data(config: RunConfig) -> tuple[RunConfig, Any, Any, DataShape]:
+    """What a run trains on: :func:`build_dataset`, with the dataset's ``recommended`` settings filled
+    into ``config`` and (``--clusters``) its images' clusters as labels; (config, dataset, its config, shape)."""
+    dataset, ds_cfg, shape = build_dataset(config)
+    config = recommended(config, dataset)
+    if config.class_conditional is False and shape.num_classes:  # the dataset recommended no conditioning
+        shape = DataShape(shape.channels, shape.resolution)
+    dataset, shape = cluster_labelled(config, dataset, shape)
+    return config, dataset, ds_cfg, shape
+
+
 def recommended(config: RunConfig, dataset: Any) -> RunConfig:
     """``config`` with the dataset's ``recommended`` settings (an optional dataset attribute, a dict:
     ``{"predictor": {option: value}, "class_conditional": bool}``) filled into what the run leaves to
@@ -118,6 +155,8 @@ def recommended(config: RunConfig, dataset: Any) -> RunConfig:
 
 def conditioning_note(config: RunConfig, shape: DataShape) -> str:
     """One line on the conditioning chosen for the data (``class_conditional`` None)."""
+    if shape.clusters:
+        return f"no labels: unconditional, conditioned on {shape.num_classes} k-means clusters of the images"
     if shape.num_classes:
         names = list(shape.classes or [])
         listed = f": {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
@@ -328,17 +367,18 @@ def assemble(config: RunConfig) -> RunParts:
     """Build every component of a training run (the model is seeded with ``config.seed`` whatever
     building the dataset drew from the global generator)."""
     torch.manual_seed(config.seed)
-    dataset, ds_cfg, shape = build_dataset(config)
-    config = recommended(config, dataset)
-    if config.class_conditional is False and shape.num_classes:  # the dataset recommended no conditioning
-        shape = DataShape(shape.channels, shape.resolution)
+    config, dataset, ds_cfg, shape = training_data(config)
     diffusion, sched_cfg, proc_cfg = build_process(config)
     _, sampler_cfg = build_sampler(config.sampler.name, config.sampler.options, diffusion)
     tsampler, ts_cfg = build_timestep_sampler(config, diffusion.num_timesteps)
     loss, loss_cfg, takes_context = build_loss(config)
     torch.manual_seed(config.seed)  # model init does not depend on how the dataset was built
-    model, pred_cfg = build_predictor(config, shape, check_labels=config.class_conditional is not None)
-    notes = [conditioning_note(config, shape)] if config.class_conditional is None else []
+    model, pred_cfg = build_predictor(config, shape, check_labels=config.class_conditional is not None
+                                      and not shape.clusters)
+    notes = [conditioning_note(config, shape)] if config.class_conditional is None or shape.clusters else []
+    if shape.clusters and "class_labels" not in contract.predictor_conditions(model):
+        raise DdpmkitError(f"--clusters conditions the network on clusters, but predictor '{config.predictor.name}' "
+                           "takes no class labels; drop --clusters")
     if shape.num_classes and "class_labels" not in contract.predictor_conditions(model):  # chosen, not asked for
         shape = DataShape(shape.channels, shape.resolution)
         torch.manual_seed(config.seed)

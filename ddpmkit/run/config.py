@@ -30,6 +30,11 @@ def _positive_float(inst, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
+def _clusters(inst, attribute, value):
+    if value != 0 and not (isinstance(value, int) and value >= 2):
+        raise ValueError(f"clusters must be 0 (none) or >= 2, got {value}")
+
+
 def _decay(inst, attribute, value):
     if value is not None and not 0 < value < 1:  # also refuses nan
         raise ValueError(f"{attribute.name} must lie in (0, 1) (or 0/None for no EMA), got {value}")
@@ -75,6 +80,8 @@ class RunConfig:
     # Feed the dataset's labels to the predictor (class_labels=); None: when the dataset has labels
     # (and the predictor takes them), decided when the run is assembled
     class_conditional: bool | None = False
+    # An unconditional run conditioned on K k-means clusters of its images (ddpmkit.run.clusters); 0: none
+    clusters: int = attrs.field(default=0, validator=_clusters)
     # With this probability a label is replaced by the "no class" label K (classifier-free guidance)
     label_dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
     prediction: str = attrs.field(default="epsilon", validator=attrs.validators.in_(PREDICTIONS))

@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 from ddpmkit.errors import DdpmkitError, Interrupted
-from ddpmkit.run.assembly import build_dataset
+from ddpmkit.run.assembly import training_data
 from ddpmkit.run.config import RunConfig
 from ddpmkit.run.model_file import MODEL_FORMAT, read_weights_file, save_model_file
 from ddpmkit.run.pipeline import Pipeline, _guided, pipeline_from_file, resolve_device, save_grid
@@ -246,7 +246,7 @@ class Distillation:
     def _train(self, student, first_teacher, step: int, elapsed: float, optim_state, stop_after: int | None) -> int:
         """Optimizer steps to the end (or to ``stop_after``, or a stop signal); returns the step reached."""
         # a method that trains on its own data (reflow: the couplings) gets placeholders of the batch's shape
-        dataset = build_dataset(self.pipe.config)[0] if getattr(self.distiller, "uses_data", True) else None
+        dataset = training_data(self.pipe.config)[1] if getattr(self.distiller, "uses_data", True) else None
         total, every = self._stage_end(len(self.stages) - 1), self.settings["log_every"]
         log = _Log(self.out / "metrics.jsonl", step)
         stop: list[int] = []

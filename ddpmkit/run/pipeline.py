@@ -73,6 +73,17 @@ class Pipeline:
             opts = dict(sampler_options or {})
         return sampler, build_sampler(sampler, opts, self.diffusion)[0]
 
+    @property
+    def cluster_sizes(self) -> tuple[int, ...] | None:
+        """For a run conditioned on clusters (``--clusters``), the training images in each; else ``None``."""
+        sizes = ((self.resolved or {}).get("data") or {}).get("clusters")
+        return tuple(int(v) for v in sizes) if sizes else None
+
+    def data_classes(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """``labels`` as classes of the data, for metrics and file names: ``None`` for a run conditioned
+        on clusters, whose labels are clusters, not the dataset's classes."""
+        return None if self.cluster_sizes else labels
+
     def class_index(self, value) -> int:
         """A class by index or by name (``"7"``, ``7``, ``"cat"``) → its index; unknown → one line."""
         names = list(self.classes or [])
@@ -91,7 +102,9 @@ class Pipeline:
     def class_labels(self, n: int, labels=None) -> torch.Tensor | None:
         """The labels of ``n`` images for a class-conditional model: ``labels`` (one class, or a list
         of classes by index or name, each taking an equal block of the images), default every class
-        in equal blocks (0, 0, ..., 1, 1, ...); ``None`` when unconditional."""
+        in equal blocks (0, 0, ..., 1, 1, ...), or for a run conditioned on clusters each cluster in a
+        block of its share of the training images (so the images are of the marginal p(x)); ``None``
+        when unconditional."""
         if self.num_classes is None:
             if labels is not None:
                 raise DdpmkitError("this model is not class-conditional; it takes no class labels")
@@ -99,6 +112,10 @@ class Pipeline:
         if isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.numel() == n:
             wanted = [int(v) for v in labels]
             return torch.tensor([self.class_index(v) for v in wanted], dtype=torch.long)
+        if labels is None and self.cluster_sizes:  # a cluster-conditioned run: p(c), so the images are of p(x)
+            from ddpmkit.run.clusters import labels_by_frequency
+
+            return labels_by_frequency(self.cluster_sizes, n)
         if labels is None:
             wanted = list(range(self.num_classes))
         elif isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.ndim == 1):

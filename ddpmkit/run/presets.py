@@ -83,6 +83,11 @@ PRESETS["laptop"] = {
 VP_FORMS = {"laptop": "laptop-vp"}
 VP_ONLY_FIELDS = ("prediction", "min_snr_gamma", "variance_type")
 
+# A preset's unconditional form: what `--unconditional` changes besides dropping the labels, unless the run
+# sets it itself (e.g. `--clusters 0`). The default's is 100 k-means clusters of the digits as the network's
+# labels (ddpmkit.run.clusters; docs/benchmarks.md, "The unconditional run at the same budget").
+UNCONDITIONAL_FORMS: dict[str, dict[str, Any]] = {"laptop": {"clusters": 100}}
+
 # tiny, class-conditional with label dropout 0.1 (classifier-free guidance at sampling), a 10×10 grid
 PRESETS["tiny-cond"] = {**PRESETS["tiny"], "class_conditional": True, "label_dropout": 0.1, "num_samples": 100}
 
@@ -182,6 +187,9 @@ def resolve_run_config(preset: str | None, names: dict | None = None, overrides:
         config = attrs.evolve(config, **{**tied.get("run", {}), **changes})
     except (ValueError, TypeError) as exc:
         raise DdpmkitError(f"invalid option: {exc}") from None
+    form = UNCONDITIONAL_FORMS.get(config.preset or "", {}) if base is None and not tied else {}
+    if config.class_conditional is False and form:
+        config = attrs.evolve(config, **{k: v for k, v in form.items() if k not in changes})
     if strict and ("schedule" in names or "schedule" in overrides):
         _check_schedule_is_read(config)
     return config

@@ -624,7 +624,7 @@ class Trainer:
             images = torch.zeros(n, pipe.channels, pipe.resolution, pipe.resolution)
         else:
             images = pipe.sample(n, seed=self.config.seed)
-        context = attrs.evolve(self.metric_context(pipe), labels=pipe.class_labels(n))
+        context = attrs.evolve(self.metric_context(pipe), labels=pipe.data_classes(pipe.class_labels(n)))
         results = evaluate_images(images, self.metrics, context=context)
         self.log({"step": self.state.step, "epoch": self.state.epoch, "eval": results, **({"final": True} if final else {})})
         return results

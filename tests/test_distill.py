@@ -148,6 +148,50 @@ def test_progressive_loss_is_the_hand_computation(process, solver, stage, metric
     assert net_s.weight.grad is not None and net_t.weight.grad is None
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_progressive_on_teacher_trajectories_is_the_hand_computation(tmp_path, solver):
+    """inputs = "teacher": the trajectories are the first teacher's two steps per student step from
+    prior noise, and the loss is the student's one step against the next stored state."""
+    ode = FlowProcess(FlowConfig())
+    torch.manual_seed(0)
+    net_t, net_s = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)
+    teacher = drift_function(lambda x, t: net_t(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
+    student = drift_function(lambda x, t: net_s(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000), ode, 1, None)
+    d = Progressive(ProgressiveConfig(start=4, calls=2, solver=solver, inputs="teacher", pairs=5), ode)
+    assert d.uses_data is False
+    d.prepare(teacher, shape=(1, 3, 3), num_classes=None, generator=torch.Generator().manual_seed(4),
+              directory=tmp_path, batch_size=2)
+    assert d.bank.shape == (5, 3, 1, 3, 3)
+    # by hand: the prior's noise, then the teacher's steps on grid(4), a state kept after every second
+    gen = torch.Generator().manual_seed(4)
+    z = torch.cat([ode.prior((b, 1, 3, 3), generator=gen) for b in (2, 2, 1)])  # drawn batch by batch
+    fine = ode.grid(4)
+    step = (lambda f, x, a, b: heun(f, x, torch.stack([a, b]), None)) if solver == "heun" else \
+        (lambda f, x, a, b: euler(f, x, torch.stack([a, b]), None))
+    with torch.no_grad():
+        x1 = step(teacher, step(teacher, z[:2], fine[0], fine[1]), fine[1], fine[2])
+        x2 = step(teacher, step(teacher, x1, fine[2], fine[3]), fine[3], fine[4])
+    assert torch.allclose(d.bank[:2, 0], z[:2]) and torch.allclose(d.bank[:2, 1], x1, atol=1e-6)
+    assert torch.allclose(d.bank[:2, 2], x2, atol=1e-6)
+    loss = d.loss(student, None, torch.zeros(4, 1, 3, 3), None, 0, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    k, i = torch.randint(0, 5, (4,), generator=gen), torch.randint(0, 2, (4,), generator=gen)
+    t, t_next = fine[2 * i], fine[2 * i + 2]
+    x, target = d.bank[k, i], d.bank[k, i + 1]
+    h = bc(t_next - t, x).float()
+    want = ((x + h * student(x, t, None) - target) / h).pow(2).flatten(1).mean(1).mean()
+    assert torch.allclose(loss, want, rtol=1e-6)
+    # drawn once: a second distiller reads them back from the directory instead of calling the teacher
+    again = Progressive(ProgressiveConfig(start=4, calls=2, solver=solver, inputs="teacher", pairs=5), ode)
+    again.prepare(None, shape=(1, 3, 3), num_classes=None, generator=None, directory=tmp_path)
+    assert torch.equal(again.bank, d.bank)
+
+
+def test_teacher_trajectories_are_one_stage():
+    with pytest.raises(ddpmkit.DdpmkitError, match="distils in one stage: set distiller.start=4"):
+        Progressive(ProgressiveConfig(start=8, calls=2, inputs="teacher"), FlowProcess(FlowConfig()))
+
+
 @pytest.mark.parametrize("metric", ["mse", "pseudo-huber"])
 def test_reflow_loss_is_the_hand_computation(metric):
     ode = FlowProcess(FlowConfig())
@@ -286,6 +330,18 @@ def test_sigkill_then_resume_is_the_uninterrupted_distillation(teachers, tmp_pat
     assert load_file(str(ref / "couplings.safetensors"))["x"].equal(load_file(str(killed / "couplings.safetensors"))["x"])
     logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(10, 61, 10))
+
+
+def test_resume_on_teacher_trajectories_is_the_uninterrupted_distillation(teachers, tmp_path):
+    opts = {"start": 4, "calls": 2, "steps": 6, "inputs": "teacher", "pairs": 6, "solver": "heun"}
+    job(teachers / "vp", tmp_path / "full", **opts).run()  # class-conditional: the labels cycle with the pairs
+    cut = tmp_path / "cut"
+    assert job(teachers / "vp", cut, **opts).run(stop_after=3).name == "checkpoints"
+    job(teachers / "vp", cut, **opts).run(resume=True)
+    for rel in ["model.safetensors", "trajectories.safetensors"]:
+        a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(cut / rel))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    assert load_file(str(cut / "trajectories.safetensors"))["labels"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_student_run_samples_in_its_calls(teachers, tmp_path):

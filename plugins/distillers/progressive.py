@@ -16,6 +16,14 @@ error in drift space; the weight max(1, t²) is the paper's "truncated SNR" weig
 time is σ (``vp``: x̃ = x_0 + σ·ε, and ``edm``): the x̂_0 error weighted by max(SNR, 1), so the first
 steps from pure noise still count. On ``flow`` (t ≤ 1) the weight is 1: the velocity's squared error.
 
+With ``inputs = "teacher"`` the one stage (start = 2·calls) trains on the teacher's own trajectories
+instead of noised training images: before training, ``pairs`` noises are integrated by the first
+teacher (its two steps per student step, as above) and its states at the student's grid points are
+kept (``trajectories.safetensors`` in the student's directory, so a resumed distillation reuses them);
+each training example is then one trajectory's x at t_i with its x'' at t_{i+1}, and training calls
+no teacher. The student learns on the states it will meet when it samples, and each optimizer step
+costs the student's forward and backward only.
+
 The first stage's teacher is the trained run sampled with Euler at ``start`` steps (DDIM η = 0 on
 ``vp``), its student takes start/2; each later stage's teacher is the previous stage's student (``chain``). The student starts
 from its teacher's weights.
@@ -30,11 +38,15 @@ has a better target than one distilled from Euler at 16 in two.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import torch
+from safetensors.torch import load_file
 
 import ddpmkit
-from ddpmkit.sdk.distill import METRICS, Stage, distance, euler_step, heun_step, per_image
+from ddpmkit.sdk.distill import METRICS, Stage, distance, euler_step, heun_step, per_image, times
+from ddpmkit.sdk.files import write_tensors
 
 
 @attrs.define
@@ -48,6 +60,10 @@ class ProgressiveConfig:
         stages' teachers are students, drawn with Euler. Default "euler".
     metric: the distance in drift space: "mse" (as in the module doc) or "pseudo-huber"
         (``ddpmkit.sdk.distill.distance``; the weight scales each image's term). Default "mse".
+    inputs: what the student learns on: "data" (training images noised to t_i, the teacher called at
+        each step) or "teacher" (the first teacher's trajectories from ``pairs`` noises, drawn once
+        before training; one stage only, start = 2·calls). Default "data".
+    pairs: the trajectories drawn with inputs = "teacher". Default 4096.
     """
 
     start: int = attrs.field(default=16, validator=attrs.validators.ge(1))
@@ -55,6 +71,11 @@ class ProgressiveConfig:
     steps: int = attrs.field(default=150, validator=attrs.validators.ge(1))
     solver: str = attrs.field(default="euler", validator=attrs.validators.in_(("euler", "heun")))
     metric: str = attrs.field(default="mse", validator=attrs.validators.in_(METRICS))
+    inputs: str = attrs.field(default="data", validator=attrs.validators.in_(("data", "teacher")))
+    pairs: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+
+
+TRAJECTORIES = "trajectories.safetensors"
 
 
 class Progressive:
@@ -82,10 +103,53 @@ class Progressive:
                 f"{config.calls} (reachable: {', '.join(reachable) or 'none; use an even start'}); "
                 "set --calls or distiller.start")
         self.stages = stages
+        self.bank = self.bank_labels = None
+        if config.inputs == "teacher":
+            if len(stages) != 1:
+                raise ddpmkit.DdpmkitError(
+                    f"distiller.inputs=teacher distils in one stage: set distiller.start={2 * config.calls} "
+                    f"(2 × --calls), not {config.start}")
+            self.uses_data = False  # it trains on the teacher's trajectories: the run's dataset is not read
+            self.prepare = self._trajectories
         grid = process.grid(config.start)  # a process may refuse a grid it cannot make (vp: start > T)
         if len(grid) != config.start + 1:
             raise ddpmkit.DdpmkitError(f"process '{process.name}' has no {config.start}-step grid for the first "
                                        "teacher; use a smaller distiller.start")
+
+    @torch.no_grad()
+    def _trajectories(self, teacher, *, shape: tuple[int, int, int], num_classes: int | None,
+                      generator: torch.Generator, directory: Path, progress=None, batch_size: int = 256,
+                      device="cpu") -> None:
+        """Draw the first teacher's trajectories (or read them back from ``directory``): ``self.bank``
+        ``(pairs, calls + 1, *shape)``, the states at the student's grid points, t_0 (noise) first."""
+        path, n, calls = Path(directory) / TRAJECTORIES, self.config.pairs, self.stages[0].calls
+        if path.exists():
+            saved = load_file(str(path))
+            if tuple(saved["x"].shape) == (n, calls + 1, *shape):
+                self.bank = saved["x"].to(device)
+                self.bank_labels = saved["labels"].to(device) if "labels" in saved else None
+                return
+        labels = torch.arange(n, device=device) % num_classes if num_classes else None
+        fine = self.process.grid(2 * calls, device)
+        step = heun_step if self.config.solver == "heun" else euler_step
+        banks = []
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x = self.process.prior((b, *shape), generator=generator, device=device)
+            y = None if labels is None else labels[start: start + b]
+            states = [x]
+            for j in range(2 * calls):
+                x = step(teacher, x, times(fine[j], x), times(fine[j + 1], x), y)
+                if j % 2:
+                    states.append(x)
+            banks.append(torch.stack(states, 1))
+            if progress is not None:
+                progress(start + b, n)
+        self.bank, self.bank_labels = torch.cat(banks), labels
+        tensors = {"x": self.bank.cpu().contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels.cpu()
+        write_tensors(path, tensors, {"format": "ddpmkit-progressive-trajectories-1"})
 
     def sampler(self, calls: int) -> tuple[str, dict]:
         """The student is drawn with Euler steps on the same grid it was trained on."""
@@ -96,6 +160,15 @@ class Progressive:
         n = self.stages[stage].calls
         fine = self.process.grid(2 * n, x0.device)
         b = x0.shape[0]
+        if self.bank is not None:  # inputs = "teacher": a trajectory's state at t_i and its state at t_{i+1}
+            k = torch.randint(0, self.bank.shape[0], (b,), generator=generator, device=x0.device)
+            i = torch.randint(0, n, (b,), generator=generator, device=x0.device)
+            x, x_target = self.bank[k, i], self.bank[k, i + 1]
+            t, t_next = fine[2 * i], fine[2 * i + 2]
+            labels = None if self.bank_labels is None else self.bank_labels[k]
+            h = per_image(t_next - t, x)
+            return distance((x + h * student(x, t, labels) - x_target) / h, self.config.metric,
+                            weight=t.clamp(min=1.0) ** 2)
         i = torch.randint(0, n, (b,), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t, t_mid, t_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]

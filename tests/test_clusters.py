@@ -4,6 +4,7 @@ the frequencies sampling draws them by, the run, its resume, and what `--uncondi
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -94,7 +95,7 @@ def _run(args):
     return CliRunner().invoke(cli, ["run", *args])
 
 
-def test_a_cluster_run_trains_samples_p_x_and_resumes_bit_for_bit(tmp_path, digit_cache):
+def test_a_cluster_run_trains_samples_p_x_and_resumes_bit_for_bit(tmp_path, digit_cache, monkeypatch):
     run = tmp_path / "run"
     r = _run([*small_run(), "--unconditional", "--clusters", "4", "--max-steps", "4", "--checkpoint-every", "2",
               "--out", str(run)])
@@ -115,6 +116,14 @@ def test_a_cluster_run_trains_samples_p_x_and_resumes_bit_for_bit(tmp_path, digi
     assert r.exit_code == 0, r.output
     a, b = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # clusters that came out differently (another scikit-learn, other data) are refused, not trained on
+    third = tmp_path / "third"
+    shutil.copytree(run, third)
+    (third / "model.safetensors").unlink()
+    with monkeypatch.context() as m:
+        m.setattr("ddpmkit.run.clusters.cluster_images", lambda dataset, k, seed=0: np.arange(len(dataset)) % k)
+        r = CliRunner().invoke(cli, ["run", "--resume", str(third), "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 2 and "the training images' clusters differ from those stored in" in r.stderr, r.output
     # files are not named by cluster, and metrics are not told the clusters are digits
     r = CliRunner().invoke(cli, ["sample", str(run), "-n", "3", "--format", "png", "--out", str(tmp_path / "png"),
                                  "--no-progress", "--steps", "2", "--sampler", "ddim"])

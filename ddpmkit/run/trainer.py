@@ -493,6 +493,10 @@ class Trainer:
         if diffs:
             raise DdpmkitError(f"resume: the configuration differs from the one stored in {path}: "
                                + "; ".join(diffs) + ". Continue with the run's own configuration, or start a new run")
+        clusters = list(self.parts.shape.clusters or []) or None
+        if (stored.get("data") or {}).get("clusters") != clusters:  # --clusters: the same clusters, or no resume
+            raise DdpmkitError(f"resume: the training images' clusters differ from those stored in {path} (other "
+                               "data, or another scikit-learn); start a new run")
         tensors, meta = read_training_state(path)
         self.load_state_dict(tensors, meta, source=f"checkpoint '{path}'")
         self.resume_step = self.state.step

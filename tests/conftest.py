@@ -47,6 +47,25 @@ TINY_UNET = small_run({k: None for k in SMALL_RUN if not k.startswith("predictor
 TINY_RUN = small_run()
 
 
+def resume_equals_uninterrupted(run, again, last_checkpoint: str) -> None:
+    """Copy the finished ``run`` to ``again`` without its model file and ``last_checkpoint``, resume it
+    (`ddpmkit run --resume`), and assert the resumed run's weights equal the uninterrupted ones bit for bit."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from ddpmkit.cli import cli
+
+    shutil.copytree(run, again)
+    (again / "checkpoints" / last_checkpoint).unlink()
+    (again / "model.safetensors").unlink()
+    r = CliRunner().invoke(cli, ["run", "--resume", str(again), "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def pytest_collection_modifyitems(config, items):
     """The tests marked ``slow`` (each half a minute or more on one thread) run first: under xdist's
     worksteal they start on one worker while the other takes the short ones, and the session ends

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import small_run
-from safetensors.torch import load_file
+from conftest import resume_equals_uninterrupted, small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
@@ -108,14 +107,7 @@ def test_a_cluster_run_trains_samples_p_x_and_resumes_bit_for_bit(tmp_path, digi
     assert torch.equal(pipe.class_labels(64), labels_by_frequency(pipe.cluster_sizes, 64))
     assert torch.bincount(pipe.class_labels(64), minlength=4).tolist() == data["clusters"]
     # the clusters are the same when the run is resumed: the weights end the same, bit for bit
-    again = tmp_path / "again"
-    shutil.copytree(run, again)
-    (again / "checkpoints" / "step-00000004.safetensors").unlink()
-    (again / "model.safetensors").unlink()
-    r = CliRunner().invoke(cli, ["run", "--resume", str(again), "--no-progress", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    a, b = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resume_equals_uninterrupted(run, tmp_path / "again", "step-00000004.safetensors")
     # clusters that came out differently (another scikit-learn, other data) are refused, not trained on
     third = tmp_path / "third"
     shutil.copytree(run, third)

@@ -1,11 +1,10 @@
 """Classifier-free guidance and label dropout (progress on the conditional issue)."""
 
-import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import small_run
+from conftest import resume_equals_uninterrupted, small_run
 
 import ddpmkit
 from ddpmkit.cli import cli
@@ -80,16 +79,7 @@ def test_label_dropout_rate_and_resume(tmp_path):
     dropped = sum(int((trainer.labels(y) == 10).sum()) for _ in range(200))
     assert abs(dropped - 960) < 4 * (3200 * 0.3 * 0.7) ** 0.5, dropped  # binomial: 960 ± 4σ (σ = 25.9)
     # resumed from step 2, the run ends with the same weights bit for bit (the draws are checkpointed)
-    again = tmp_path / "again"
-    shutil.copytree(run, again)
-    (again / "checkpoints" / "step-00000004.safetensors").unlink()
-    (again / "model.safetensors").unlink()
-    r = CliRunner().invoke(cli, ["run", "--resume", str(again), "--no-progress", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resume_equals_uninterrupted(run, tmp_path / "again", "step-00000004.safetensors")
     r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,seven", "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "unknown class 'seven'" in r.stderr
     r = CliRunner().invoke(cli, ["sample", str(run), "-n", "4", "--class", "3,7", "--guidance", "2",

@@ -376,10 +376,10 @@ def assemble(config: RunConfig) -> RunParts:
     model, pred_cfg = build_predictor(config, shape, check_labels=config.class_conditional is not None
                                       and not shape.clusters)
     notes = [conditioning_note(config, shape)] if config.class_conditional is None or shape.clusters else []
-    if shape.clusters and "class_labels" not in contract.predictor_conditions(model):
-        raise DdpmkitError(f"--clusters conditions the network on clusters, but predictor '{config.predictor.name}' "
-                           "takes no class labels; drop --clusters")
     if shape.num_classes and "class_labels" not in contract.predictor_conditions(model):  # chosen, not asked for
+        if shape.clusters:
+            raise DdpmkitError(f"--clusters conditions the network on clusters, but predictor "
+                               f"'{config.predictor.name}' takes no class labels; drop --clusters")
         shape = DataShape(shape.channels, shape.resolution)
         torch.manual_seed(config.seed)
         model, pred_cfg = build_predictor(config, shape)

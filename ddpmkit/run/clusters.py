@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpmkit.sdk.data import item_image
+
 # Principal components the images are reduced to before k-means, and the most images k-means is fitted
 # on (the rest are assigned to the nearest centre): enough for 28×28 digits and 32×32 photos alike.
 COMPONENTS = 50
@@ -36,8 +38,7 @@ def _images(dataset: Any) -> torch.Tensor:
     if isinstance(images, torch.Tensor) and images.ndim == 4 and len(images) == len(dataset):
         return images
     with torch.random.fork_rng(devices=[]):
-        items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+        return torch.stack([item_image(dataset[i]) for i in range(len(dataset))])
 
 
 def cluster_images(dataset: Any, k: int, seed: int = 0) -> np.ndarray:
@@ -77,8 +78,8 @@ def labels_by_frequency(sizes: tuple[int, ...] | list[int], n: int) -> torch.Ten
     p = torch.tensor(sizes, dtype=torch.float64)
     edges = torch.cumsum(p / p.sum(), 0)
     edges[-1] = 1.0
-    return torch.searchsorted(edges, (torch.arange(n, dtype=torch.float64) + 0.5) / n, right=True).clamp(
-        max=len(sizes) - 1)
+    # u < 1 = edges[-1], so the first edge above u is always a cluster's
+    return torch.searchsorted(edges, (torch.arange(n, dtype=torch.float64) + 0.5) / n, right=True)
 
 
 class ClusterLabelled(torch.utils.data.Dataset):
@@ -86,22 +87,15 @@ class ClusterLabelled(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any, assignments: np.ndarray):
         self.dataset, self.clusters = dataset, torch.as_tensor(assignments, dtype=torch.long)
-        self.in_memory = getattr(dataset, "in_memory", False)
-        for name in ("channels", "resolution"):
-            if hasattr(dataset, name):
-                setattr(self, name, getattr(dataset, name))
+        self.in_memory = getattr(dataset, "in_memory", False)  # the loader's choice of workers reads it
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @staticmethod
-    def _image(item):
-        return item[0] if isinstance(item, (tuple, list)) else item
-
     def __getitem__(self, i: int):
-        return self._image(self.dataset[i]), self.clusters[i]
+        return item_image(self.dataset[i]), self.clusters[i]
 
     def __getitems__(self, idx: list[int]):
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(idx) if fetch is not None else [self.dataset[i] for i in idx]
-        return [(self._image(item), self.clusters[i]) for item, i in zip(items, idx)]
+        return [(item_image(item), self.clusters[i]) for item, i in zip(items, idx)]
